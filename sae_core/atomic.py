@@ -1,0 +1,57 @@
+"""Atomic file writes: a file is either the old version or the complete new one.
+
+Everything the engine writes (dictionaries, checkpoints, activation shards)
+goes through :func:`atomic_write`: write to a temporary file in the same
+directory, flush it to disk, then ``os.replace`` it over the target. A kill or
+a full disk part-way leaves the previous file untouched and no stray temp file.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import DictionaryError
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DictionaryError(
+                f"disk full while writing {path}: free some space and retry (the previous file, if any, is intact)"
+            ) from err
+        raise DictionaryError(f"could not write {path}: {err.strerror or err}") from err
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return path
+
+
+def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> Path:
+    """``safetensors`` save through :func:`atomic_write`; metadata values become strings."""
+    blobs = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    return atomic_write(path, lambda tmp: save_file(blobs, tmp, metadata=meta))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

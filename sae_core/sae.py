@@ -1,0 +1,168 @@
+"""Sparse autoencoders: an ``encode``/``decode`` pair over a learned dictionary.
+
+One module covers every SAE this project reads or trains. They differ only in
+how latents are selected from the pre-activations ``W_enc (x_n - b_dec) + b_enc``:
+
+* ``topk``: the k largest per token (Gao et al. 2024);
+* ``batchtopk``: the ``N*k`` largest per batch while training, then a learned
+  global threshold at inference (Bussmann et al. 2024);
+* ``relu`` / ``jumprelu``: everything above 0 / above a per-latent threshold
+  (read from SAELens files).
+
+``x_n`` is the normalised input (see :mod:`sae_core.normalize`); ``encode``
+takes and ``decode`` returns model-space activations.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DictionaryError
+from .kernels import SparseCodes, codes_to_dense, sparse_decode, threshold_codes
+from .normalize import Standardizer
+from .site import Site
+
+SAE_KINDS = ("topk", "batchtopk", "relu", "jumprelu")
+
+
+class SparseAutoencoder(nn.Module):
+    kind: str
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int,
+        kind: str = "topk",
+        *,
+        site: Site | None = None,
+        standardizer: Standardizer | None = None,
+        subtract_decoder_bias: bool = True,
+        seed: int | None = 0,
+    ):
+        super().__init__()
+        if kind not in SAE_KINDS:
+            raise DictionaryError(f"unknown SAE kind {kind!r}; expected one of {', '.join(SAE_KINDS)}")
+        if kind in ("topk", "batchtopk") and not 0 < k <= n_latents:
+            raise DictionaryError(f"k={k} must be between 1 and n_latents={n_latents}; lower k or widen the dictionary")
+        self.kind = kind
+        self.k = int(k)
+        self.site = site or Site()
+        self.subtract_decoder_bias = subtract_decoder_bias
+        self.standardizer = standardizer or Standardizer(d_in)
+        self.metadata: dict[str, Any] = {}
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w_dec = torch.randn(n_latents, d_in, generator=gen)
+        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.clone())  # tied initialisation
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("threshold", torch.zeros(n_latents))
+        self.register_buffer("firing_frequency", torch.zeros(n_latents))
+        self.register_buffer("mean_activation", torch.zeros(n_latents))
+
+    @property
+    def d_in(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_dec.shape[0]
+
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise DictionaryError(
+                f"activations have width {x.shape[-1]} but this dictionary (site {self.site}) expects "
+                f"d_in={self.d_in}; use a dictionary trained on this site or pick the matching site"
+            )
+
+    def pre_activations(self, x_n: Tensor) -> Tensor:
+        """Dense pre-activations ``(..., M)`` of normalised input ``x_n``."""
+        if self.subtract_decoder_bias:
+            x_n = x_n - self.b_dec.to(x_n.dtype)
+        return x_n @ self.W_enc.to(x_n.dtype).T + self.b_enc.to(x_n.dtype)
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        """Model-space activations ``(..., d_in)`` -> sparse codes ``(..., width)``."""
+        self.check_input(x)
+        lead = x.shape[:-1]
+        pre = self.pre_activations(self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.W_enc.dtype)))
+        if self.kind == "topk":
+            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+            codes = SparseCodes(values.clamp_min(0.0), indices)
+        else:
+            codes = threshold_codes(pre, self.threshold)
+        width = codes.values.shape[-1]
+        return SparseCodes(codes.values.reshape(*lead, width), codes.indices.reshape(*lead, width))
+
+    def decode_normalized(self, codes: SparseCodes) -> Tensor:
+        return sparse_decode(codes, self.W_dec) + self.b_dec
+
+    def decode(self, codes: SparseCodes) -> Tensor:
+        """Sparse codes -> model-space reconstruction."""
+        return self.standardizer.denormalize(self.decode_normalized(codes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x)).to(x.dtype)
+
+    def dense_codes(self, x: Tensor) -> Tensor:
+        """Codes as a dense ``(..., M)`` matrix, for analysis and plotting."""
+        return codes_to_dense(self.encode(x), self.n_latents)
+
+    def direction(self, feature: int, unit: bool = False) -> Tensor:
+        """Model-space change caused by one unit of ``feature``'s activation.
+
+        ``unit=True`` returns it normalised to length 1 (for steering by norm)."""
+        if not 0 <= feature < self.n_latents:
+            raise DictionaryError(f"feature {feature} is out of range: this dictionary has {self.n_latents} latents (0..{self.n_latents - 1})")
+        v = self.standardizer.direction_to_model_space(self.W_dec[feature].detach())
+        return v / v.norm().clamp_min(1e-12) if unit else v
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (the constraint Gao et al. train under)."""
+        norms = self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(norms)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out the gradient component along each decoder row, so that
+        Adam's step moves rows over the unit sphere instead of growing them."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    def config(self) -> dict[str, Any]:
+        """Everything besides the tensors needed to rebuild this module (JSON-able)."""
+        return {
+            "kind": self.kind,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "subtract_decoder_bias": self.subtract_decoder_bias,
+            "site": self.site.to_dict(),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SparseAutoencoder":
+        """An untrained module with the shapes ``config`` describes (load a state dict into it)."""
+        sae = cls(
+            int(config["d_in"]),
+            int(config["n_latents"]),
+            int(config.get("k") or 1),
+            str(config["kind"]),
+            site=Site.from_dict(config.get("site")),
+            subtract_decoder_bias=bool(config.get("subtract_decoder_bias", True)),
+            seed=None,
+        )
+        sae.metadata = dict(config.get("metadata") or {})
+        return sae
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, site={self.site}"

@@ -1,0 +1,442 @@
+"""Training a dictionary from any stream of activation batches.
+
+One loop for every kind: TopK and BatchTopK SAEs learn by Adam on the FVU
+loss (+ AuxK on dead latents); ITDA grows its dictionary from the inputs it
+reconstructs badly. Both share what a long job needs:
+
+* data: a tensor ``(N, d)`` (shuffled per epoch with the seed), a callable
+  returning a fresh iterable, or a re-iterable (list, shard reader); batches
+  are tensors ``(..., d)`` or mappings with ``"activations"`` (+ provenance);
+* batches with NaN or inf are rejected, counted and logged, never trained on;
+* checkpoints every N steps, written atomically; rerunning with the same
+  ``checkpoint_dir`` resumes and gives the same result as an uninterrupted run;
+* progress through a callback (tqdm in the CLI, ComfyUI's ProgressBar in nodes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .atomic import save_safetensors_atomic
+from .errors import DictionaryError
+from .itda import ITDA
+from .kernels import fused_topk_encode, sparse_decode
+from .metrics import FiringTracker
+from .normalize import Standardizer, fit_standardizer
+from .sae import SparseAutoencoder
+from .site import Site
+
+log = logging.getLogger("sae_core.train")
+
+Data = Union[Tensor, Callable[[], Iterable], Iterable]
+Progress = Callable[[int, int, dict], None]
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; saved in checkpoints and in the dictionary header."""
+
+    kind: str = "topk"  # topk | batchtopk | itda
+    k: int = 32  # latents per token (TopK/BatchTopK); target L0 for ITDA
+    n_latents: int | None = None  # default: expansion_factor * d_in
+    expansion_factor: int = 16
+    normalization: str = "scale"  # none | scale | standardize
+    b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
+    total_steps: int = 1000
+    batch_size: int = 4096  # only used when data is a tensor
+    lr: float | None = None  # default 2e-4 / sqrt(n_latents / 2**14) (Gao et al.)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of steps
+    grad_clip: float = 1.0
+    auxk: int | None = None  # latents in the AuxK loss; default d_in // 2; 0 disables
+    auxk_coef: float = 1 / 32
+    dead_tokens: int = 1_000_000  # a latent silent for this many tokens is dead
+    threshold_momentum: float = 0.99  # BatchTopK: EMA of the batch's smallest kept activation
+    loss_threshold: float = 0.3  # ITDA: add inputs reconstructed worse than this
+    max_atoms: int = 50_000  # ITDA
+    init_tokens: int = 16_384  # tokens used to fit normalisation and b_dec
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    device: str = "cpu"
+    compute_dtype: str = "float32"  # bfloat16 halves encoder matmul time on GPUs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DictionaryError(f"unknown training option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+        values = dict(data)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    dictionary: Union[SparseAutoencoder, ITDA]
+    history: list[dict] = field(default_factory=list)
+    rejected_batches: int = 0
+    resumed_from_step: int | None = None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _batch_tensor(batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    if isinstance(batch, Mapping):
+        x = batch["activations"]
+        provenance = {k: batch[k] for k in ("sample_id", "token", "timestep") if k in batch}
+    else:
+        x, provenance = batch, {}
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x)
+    d = x.shape[-1]
+    return x.reshape(-1, d), {k: torch.as_tensor(v).reshape(-1) for k, v in provenance.items()}
+
+
+def _epochs(data: Data, config: TrainConfig) -> Iterator[Iterator[Any]]:
+    """Yield one fresh iterator per pass over the data (infinitely for tensors and
+    re-iterables; once for a one-shot iterator)."""
+    epoch = 0
+    while True:
+        if isinstance(data, Tensor):
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            order = torch.randperm(data.shape[0], generator=gen)
+            yield (data[order[i:i + config.batch_size]] for i in range(0, data.shape[0], config.batch_size))
+        elif callable(data):
+            yield iter(data())
+        else:
+            it = iter(data)
+            yield it
+            if it is data:  # one-shot iterator: a second pass would be empty
+                return
+        epoch += 1
+
+
+class _Stream:
+    """Batches with a resumable position: the number of batches consumed."""
+
+    def __init__(self, data: Data, config: TrainConfig, skip: int):
+        self._epochs = _epochs(data, config)
+        self._current: Iterator[Any] | None = None
+        self.consumed = 0
+        self._empty_passes = 0
+        for _ in range(skip):
+            if self.next() is None:
+                break
+
+    def next(self) -> Any | None:
+        while True:
+            if self._current is None:
+                self._current = next(self._epochs, None)
+                if self._current is None:
+                    return None
+                self._seen_in_pass = 0
+            batch = next(self._current, None)
+            if batch is not None:
+                self._seen_in_pass += 1
+                self.consumed += 1
+                return batch
+            if self._seen_in_pass == 0:
+                return None  # an empty pass: the data is exhausted
+            self._current = None
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances, robust to
+    the outlier tokens that drag a plain mean (OpenAI and SDLens initialise b_dec so)."""
+    median = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - median).norm(dim=-1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - median).norm() < 1e-6 * median.norm().clamp_min(1.0):
+            return new
+        median = new
+    return median
+
+
+def _build(config: TrainConfig, sample: Tensor, site: Site) -> Union[SparseAutoencoder, ITDA]:
+    d_in = sample.shape[-1]
+    standardizer = fit_standardizer(sample, config.normalization)
+    if config.kind == "itda":
+        return ITDA(d_in, config.k, loss_threshold=config.loss_threshold, max_atoms=config.max_atoms,
+                    site=site, standardizer=standardizer)
+    n_latents = config.n_latents or config.expansion_factor * d_in
+    sae = SparseAutoencoder(d_in, n_latents, config.k, config.kind, site=site, standardizer=standardizer, seed=config.seed)
+    xn = standardizer.normalize(sample.float())
+    with torch.no_grad():
+        if config.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(xn))
+        elif config.b_dec_init == "mean":
+            sae.b_dec.copy_(xn.mean(0))
+        elif config.b_dec_init != "zeros":
+            raise DictionaryError(f"unknown b_dec_init {config.b_dec_init!r}; use geometric_median, mean or zeros")
+    return sae
+
+
+def default_lr(n_latents: int) -> float:
+    """Gao et al.'s scaling: larger dictionaries need smaller steps."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = int(config.total_steps * config.decay_fraction)
+    decay_start = config.total_steps - decay_steps
+    if decay_steps and step >= decay_start:
+        return max(0.0, (config.total_steps - step) / decay_steps)
+    return 1.0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, model, optimizer, tracker: FiringTracker, state: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value)
+    tensors.update({f"tracker.{k}": v for k, v in tracker.state().items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    meta = {"state": json.dumps(state), "dictionary": json.dumps(model.config())}
+    save_safetensors_atomic(path, tensors, meta)
+
+
+def _load_checkpoint(path: Path, config: TrainConfig, device: str) -> tuple[Any, dict, dict[str, Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = json.loads(meta["state"])
+        model_config = json.loads(meta["dictionary"])
+    except Exception as err:  # any damage means the same thing to the user
+        raise DictionaryError(f"{path}: checkpoint is damaged ({err}); delete it to start over") from err
+    saved = TrainConfig.from_dict(state["config"])
+    mismatched = [f.name for f in fields(TrainConfig)
+                  if f.name not in ("total_steps", "log_every", "checkpoint_every", "device")
+                  and getattr(saved, f.name) != getattr(config, f.name)]
+    if mismatched:
+        raise DictionaryError(
+            f"{path} was written with different settings ({', '.join(mismatched)}); "
+            "use another checkpoint directory or delete it to start over"
+        )
+    cls = ITDA if model_config["kind"] == "itda" else SparseAutoencoder
+    model = cls.from_config(model_config)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    return model.to(device), state, tensors
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_dictionary(
+    data: Data,
+    config: TrainConfig | None = None,
+    *,
+    site: Site | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train a TopK / BatchTopK SAE or grow an ITDA dictionary on ``data``.
+
+    With ``checkpoint_dir`` the run checkpoints every ``config.checkpoint_every``
+    steps and, when started again, resumes from the last checkpoint.
+    """
+    config = config or TrainConfig()
+    if config.kind not in ("topk", "batchtopk", "itda"):
+        raise DictionaryError(f"unknown dictionary kind {config.kind!r}; train one of topk, batchtopk, itda")
+    if config.total_steps < 1:
+        raise DictionaryError(f"total_steps={config.total_steps}: train for at least one step")
+    device = config.device
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+    state: dict[str, Any] = {"step": 0, "consumed": 0, "rejected": 0, "history": [], "threshold_initialised": False}
+    tensors: dict[str, Tensor] = {}
+    model = None
+    if ckpt_path is not None and ckpt_path.exists():
+        model, state, tensors = _load_checkpoint(ckpt_path, config, device)
+        log.info("resuming from %s at step %d", ckpt_path, state["step"])
+    state["config"] = config.to_dict()
+    resumed_from = state["step"] if model is not None else None
+
+    stream = _Stream(data, config, skip=state["consumed"])
+    pending: list[Any] = []
+    if model is None:
+        sample = _init_sample(data, stream, pending, config)
+        model = _build(config, sample, site or Site()).to(device)
+    torch.manual_seed(config.seed)
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+
+    tracker = FiringTracker(model.n_latents if isinstance(model, SparseAutoencoder) else 1, device)
+    optimizer = None
+    if isinstance(model, SparseAutoencoder):
+        lr = config.lr or default_lr(model.n_latents)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=config.betas)
+        _restore_optimizer(optimizer, model, tensors, state["step"])
+        if any(k.startswith("tracker.") for k in tensors):
+            tracker.load_state({k[len("tracker."):]: v for k, v in tensors.items() if k.startswith("tracker.")})
+
+    start = time.perf_counter()
+    while state["step"] < config.total_steps:
+        batch = pending.pop(0) if pending else stream.next()
+        if batch is None:
+            log.warning("data exhausted after %d steps (of %d)", state["step"], config.total_steps)
+            break
+        x, provenance = _batch_tensor(batch)
+        if x.shape[-1] != model.d_in:
+            raise DictionaryError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={model.d_in}; all batches must come from one site")
+        if not torch.isfinite(x).all():
+            state["rejected"] += 1
+            log.warning("rejected batch %d: it contains NaN or inf (%d rejected so far)", stream.consumed, state["rejected"])
+            continue
+        x = x.to(device=device, dtype=torch.float32)
+        if isinstance(model, ITDA):
+            metrics = _itda_step(model, x, provenance)
+        else:
+            metrics = _sae_step(model, optimizer, tracker, x, state, config)
+        state["step"] += 1
+        step = state["step"]
+        metrics.update(step=step, rejected_batches=state["rejected"], seconds=round(time.perf_counter() - start, 3))
+        if step % config.log_every == 0 or step == config.total_steps:
+            state["history"].append(metrics)
+            log.info("step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+        state["consumed"] = stream.consumed - len(pending)
+        if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == config.total_steps):
+            _save_checkpoint(ckpt_path, model, optimizer, tracker, state)
+        if progress is not None:
+            progress(step, config.total_steps, metrics)
+
+    _finalise(model, tracker, state, config)
+    return TrainResult(model, state["history"], state["rejected"], resumed_from)
+
+
+def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig) -> Tensor:
+    """Activations to fit normalisation and b_dec on: a seeded random subset of a
+    tensor, or the first batches of a stream (which are then trained on as usual)."""
+    if isinstance(data, Tensor):
+        gen = torch.Generator().manual_seed(config.seed)
+        idx = torch.randperm(data.shape[0], generator=gen)[: config.init_tokens]
+        return data.reshape(-1, data.shape[-1])[idx].float()
+    rows: list[Tensor] = []
+    count = 0
+    while count < config.init_tokens:
+        batch = stream.next()
+        if batch is None:
+            break
+        pending.append(batch)
+        x, _ = _batch_tensor(batch)
+        if rows and x.shape[-1] != rows[0].shape[-1]:
+            raise DictionaryError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={rows[0].shape[-1]}; all batches must come from one site")
+        x = x[torch.isfinite(x).all(-1)]
+        rows.append(x.float())
+        count += x.shape[0]
+    if not count:
+        raise DictionaryError("no finite activations to train on: the data source is empty or all NaN/inf")
+    return torch.cat(rows)[: config.init_tokens]
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, model, tensors: dict[str, Tensor], step: int) -> None:
+    for name, p in model.named_parameters():
+        if f"optim.{name}.exp_avg" in tensors:
+            optimizer.state[p] = {
+                "step": tensors[f"optim.{name}.step"].to(torch.float32),
+                "exp_avg": tensors[f"optim.{name}.exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(p.device),
+            }
+
+
+def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tensor, state: dict, config: TrainConfig) -> dict:
+    for group in optimizer.param_groups:
+        group["lr"] = (config.lr or default_lr(sae.n_latents)) * _lr_factor(state["step"], config)
+    xn = sae.standardizer.normalize(x)
+    k_aux = (sae.d_in // 2 if config.auxk is None else config.auxk)
+    dead = tracker.dead_mask(config.dead_tokens) if k_aux else None
+    enc = fused_topk_encode(
+        xn - sae.b_dec, sae.W_enc, sae.b_enc, sae.k,
+        batch_topk=sae.kind == "batchtopk", dead_mask=dead, k_aux=k_aux,
+        compute_dtype=getattr(torch, config.compute_dtype),
+    )
+    recon = sparse_decode(enc.codes, sae.W_dec) + sae.b_dec
+    total_var = (xn - xn.mean(0)).pow(2).sum().clamp_min(1e-12)
+    loss = (recon - xn).pow(2).sum() / total_var
+    aux_loss = torch.zeros(())
+    if enc.aux is not None:
+        residual = (xn - recon).detach()
+        # The AuxK reconstruction has no decoder bias: adding b_dec here would count it twice.
+        aux_recon = sparse_decode(enc.aux, sae.W_dec)
+        aux_loss = (aux_recon - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total = loss + config.auxk_coef * aux_loss
+    if not torch.isfinite(total):
+        raise DictionaryError(
+            f"training diverged at step {state['step']} (loss is {float(total)}); lower the learning rate "
+            "or check the activations; the last checkpoint is untouched"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    sae.remove_parallel_decoder_grad_()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
+    optimizer.step()
+    sae.normalize_decoder_()
+    tracker.update(enc.codes)
+    if enc.threshold is not None:
+        with torch.no_grad():
+            if not state["threshold_initialised"]:
+                sae.threshold.fill_(float(enc.threshold))
+                state["threshold_initialised"] = True
+            else:
+                m = config.threshold_momentum
+                sae.threshold.mul_(m).add_((1 - m) * enc.threshold.to(sae.threshold.device))
+    return {
+        "fvu": loss.item(),
+        "aux_loss": aux_loss.item(),
+        "l0": float((enc.codes.values > 0).sum(-1).float().mean()),
+        "dead_fraction": tracker.dead_fraction(config.dead_tokens),
+        "lr": optimizer.param_groups[0]["lr"],
+        "tokens": tracker.tokens,
+    }
+
+
+def _itda_step(itda: ITDA, x: Tensor, provenance: dict[str, Tensor]) -> dict:
+    grown = itda.grow(x, provenance or None)
+    return {"fvu": float(grown["loss"]), "atoms": itda.n_latents, "added": int(grown["added"]), "tokens": x.shape[0]}
+
+
+def _finalise(model, tracker: FiringTracker, state: dict, config: TrainConfig) -> None:
+    """Store firing statistics and a training summary with the dictionary."""
+    if isinstance(model, SparseAutoencoder) and tracker.tokens:
+        with torch.no_grad():
+            model.firing_frequency.copy_(tracker.firing_frequency())
+            model.mean_activation.copy_(tracker.mean_activation())
+    last = state["history"][-1] if state["history"] else {}
+    model.metadata.update(
+        training={
+            "steps": state["step"],
+            "rejected_batches": state["rejected"],
+            "final": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+            "config": config.to_dict(),
+        }
+    )

@@ -1,0 +1,162 @@
+"""Training: learns, survives bad batches and kills, and resumes to the same result."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_core.errors import DictionaryError
+from sae_core.metrics import evaluate
+from sae_core.synthetic import superposition_data
+from sae_core.train import TrainConfig, train_dictionary
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return superposition_data(n_samples=6000, d=16, n_features=64, mean_l0=3, seed=0).x
+
+
+def small_config(**overrides):
+    base = dict(k=4, n_latents=64, total_steps=60, batch_size=256, warmup_steps=5, lr=3e-3,
+                dead_tokens=2000, log_every=10, checkpoint_every=20)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_training_reduces_reconstruction_error(data, kind):
+    result = train_dictionary(data, small_config(kind=kind, total_steps=150))
+    first, last = result.history[0]["fvu"], result.history[-1]["fvu"]
+    assert last < 0.5 * first
+    assert evaluate(result.dictionary, data[:1000])["fvu"] < 0.35
+
+
+def test_batchtopk_learns_a_threshold_that_gives_about_k_at_inference(data):
+    result = train_dictionary(data, small_config(kind="batchtopk", total_steps=150))
+    assert float(result.dictionary.threshold[0]) > 0
+    assert 2 <= evaluate(result.dictionary, data[:1000])["l0"] <= 8
+
+
+def test_itda_grows_a_dictionary_through_the_same_loop(data):
+    result = train_dictionary(data, small_config(kind="itda", k=4, total_steps=20, loss_threshold=0.2))
+    assert result.dictionary.n_latents > 0
+    assert evaluate(result.dictionary, data[:500])["fvu"] < 0.5
+
+
+def test_nan_and_inf_batches_are_rejected_counted_and_logged(data, caplog):
+    batches = [data[i:i + 200] for i in range(0, 2000, 200)]
+    batches[3] = batches[3].clone()
+    batches[3][5, 2] = float("nan")
+    batches[6] = batches[6].clone()
+    batches[6][0, 0] = float("inf")
+    with caplog.at_level(logging.WARNING, logger="sae_core.train"):
+        result = train_dictionary(batches, small_config(total_steps=8, log_every=1))  # one pass
+    assert result.rejected_batches == 2
+    assert sum("rejected batch" in r.message for r in caplog.records) == 2
+    assert result.history[-1]["rejected_batches"] == 2
+    assert all(torch.isfinite(p).all() for p in result.dictionary.parameters())
+
+
+def test_training_from_a_callable_stream_passes_over_the_data_again(data):
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return (data[i:i + 500] for i in range(0, 1500, 500))
+
+    result = train_dictionary(batches, small_config(total_steps=7))
+    assert result.history[-1]["step"] == 7
+    assert len(calls) >= 3
+
+
+def test_one_shot_iterator_stops_when_exhausted(data):
+    it = iter([data[:300], data[300:600]])
+    result = train_dictionary(it, small_config(total_steps=50, log_every=1))
+    assert result.history[-1]["step"] == 2
+
+
+def test_progress_callback_sees_every_step(data):
+    seen = []
+    train_dictionary(data, small_config(total_steps=12), progress=lambda s, t, m: seen.append((s, t)))
+    assert seen == [(s, 12) for s in range(1, 13)]
+
+
+def test_divergence_is_a_clear_error_and_writes_no_checkpoint(tmp_path):
+    x = torch.randn(512, 8) * 1e25  # squares overflow float32
+    with pytest.raises(DictionaryError, match="diverged at step 0"):
+        train_dictionary(x, TrainConfig(k=2, n_latents=16, normalization="none", total_steps=5, batch_size=64), checkpoint_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_gives_identical_results_to_an_uninterrupted_run(data, tmp_path):
+    config = small_config(total_steps=40)
+    full = train_dictionary(data, config).dictionary
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_25(step, total, metrics):
+        if step == 25:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_dictionary(data, config, checkpoint_dir=tmp_path, progress=stop_at_25)
+    resumed = train_dictionary(data, config, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 20
+    for (name, a), b in zip(full.state_dict().items(), resumed.dictionary.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_after_sigkill_continues_from_the_last_checkpoint(data, tmp_path):
+    torch.save(data, tmp_path / "data.pt")
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        from sae_core.train import TrainConfig, train_dictionary
+        data = torch.load({str(tmp_path / 'data.pt')!r}, weights_only=True)
+        def kill(step, total, metrics):
+            if step == 30:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_dictionary(data, TrainConfig(**{small_config(total_steps=40).to_dict()!r}),
+                         checkpoint_dir={str(tmp_path / 'ckpt')!r}, progress=kill)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["checkpoint.safetensors"]  # no temp files left
+
+    resumed = train_dictionary(data, small_config(total_steps=40), checkpoint_dir=tmp_path / "ckpt")
+    full = train_dictionary(data, small_config(total_steps=40)).dictionary
+    assert resumed.resumed_from_step == 20
+    assert torch.equal(resumed.dictionary.W_dec, full.W_dec)
+
+
+def test_checkpoint_with_other_settings_is_refused(data, tmp_path):
+    train_dictionary(data, small_config(total_steps=20), checkpoint_dir=tmp_path)
+    with pytest.raises(DictionaryError, match="different settings \\(k\\)"):
+        train_dictionary(data, small_config(total_steps=20, k=3), checkpoint_dir=tmp_path)
+
+
+def test_batches_from_another_site_are_refused(data):
+    batches = [data[:200], torch.randn(200, 9)]
+    with pytest.raises(DictionaryError, match="width 9 but the dictionary has d_in=16"):
+        train_dictionary(batches, small_config(total_steps=5))
+
+
+def test_trained_dictionary_carries_firing_statistics_and_a_summary(data):
+    sae = train_dictionary(data, small_config(total_steps=30)).dictionary
+    assert 0 < float(sae.firing_frequency.sum())
+    assert float(sae.mean_activation.max()) > 0
+    assert sae.metadata["training"]["steps"] == 30
+    assert sae.metadata["training"]["config"]["k"] == 4
+
+
+def test_unknown_option_in_a_config_file_is_named():
+    with pytest.raises(DictionaryError, match="unknown training option\\(s\\) learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
