@@ -61,8 +61,11 @@ def run_benchmark(
     data: SyntheticData | None = None,
     config=None,
     progress_factory=None,
+    keep: dict | None = None,
 ) -> list[dict]:
-    """Train each kind at the same L0 on the same data; report recovery and FVU on held-out data."""
+    """Train each kind at the same L0 on the same data; report recovery and FVU on held-out data.
+
+    ``keep``, if given, receives each kind's TrainResult."""
     from .train import TrainConfig, train_dictionary
 
     data = data or superposition_data()
@@ -80,6 +83,8 @@ def run_benchmark(
         start = time.perf_counter()
         result = train_dictionary(train_x, cfg, progress=progress)
         seconds = time.perf_counter() - start
+        if keep is not None:
+            keep[kind] = result
         dictionary = result.dictionary.eval()
         directions = torch.stack([dictionary.direction(i) for i in range(dictionary.n_latents)])
         metrics = evaluate(dictionary, test_x)

@@ -392,7 +392,7 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
     total = loss + config.auxk_coef * aux_loss
     if not torch.isfinite(total):
         raise DictionaryError(
-            f"training diverged at step {state['step']} (loss is {float(total)}); lower the learning rate "
+            f"training diverged at step {state['step']} (loss is {total.item()}); lower the learning rate "
             "or check the activations; the last checkpoint is untouched"
         )
     optimizer.zero_grad(set_to_none=True)

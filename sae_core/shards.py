@@ -1,0 +1,493 @@
+"""Captured activations: a bounded buffer in memory, shards on disk, a shuffling reader.
+
+A dictionary for one site of a diffusion model is trained on millions of
+activation vectors (Flux: 4,096 image tokens per 1024 px image, every
+sampling step). They rarely fit in memory, capture takes hours and may be
+killed, and training wants them in random order. Hence three pieces:
+
+* :class:`ActivationBuffer`: a fixed-capacity in-memory capture for small
+  jobs (a ComfyUI run, a test). An append fits whole or is refused whole, so
+  the buffer never holds part of a sample.
+* :class:`ShardWriter`: appends vectors to ``shard_00000.safetensors``,
+  ``shard_00001.safetensors``... of ``shard_tokens`` vectors each, every one
+  written atomically, plus a ``manifest.json`` rewritten (atomically) after
+  each shard. The shard files are the truth: reopening a directory scans them,
+  rebuilds the manifest, removes stray temp files and appends after the last
+  shard, so a killed capture loses at most its unflushed remainder and resumes
+  at :attr:`ShardWriter.next_sample_id`.
+* :class:`ShardReader`: a re-iterable of batches
+  ``{"activations", "sample_id", "token", "timestep"}`` for
+  :func:`sae_core.train.train_dictionary`. It reads one shard at a time, visits
+  shards in a random order and mixes tokens in a rolling shuffle buffer of
+  ``buffer_tokens`` vectors (tokens of one image are highly correlated, so
+  shard-order shuffling alone is not enough). Pass ``i`` of a reader is a pure
+  function of ``(seed, i)``: epochs differ, and a fresh reader replays the same
+  sequence, which is what lets training resume exactly by re-reading and
+  skipping the batches it had consumed.
+
+Shard layout: tensors ``activations (N, d)`` (float16, bfloat16 or float32),
+``sample_id (N,) int64`` (which generated image / real image), ``token (N,)
+int64`` (position in the site's token sequence) and ``timestep (N,) float32``
+(the sigma it was captured at); header metadata ``format="diffusion-sae-shard"``,
+``version="1"``, the site as JSON, the dtype and the largest sample id.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .atomic import atomic_write, save_safetensors_atomic
+from .errors import DictionaryError
+from .site import Site
+
+FORMAT = "diffusion-sae-shard"
+VERSION = "1"
+MANIFEST = "manifest.json"
+PROVENANCE = ("sample_id", "token", "timestep")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SHARD_NAME = re.compile(r"^shard_(\d+)\.safetensors$")
+_FLOAT16_MAX = 65504.0
+
+Rows = dict[str, Tensor]
+"""Activations ``(N, d)`` with their provenance, keyed like a shard's tensors."""
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _rows(acts: Tensor, sample_id: Union[int, Tensor], token: Optional[Tensor], timestep: Union[float, Tensor]) -> Rows:
+    """Flatten ``acts: (..., d)`` to ``(N, d)`` with one provenance entry per vector, on the CPU.
+
+    Provenance values broadcast to ``acts.shape[:-1]``; ``token=None`` numbers the
+    vectors along the last leading axis (their position in the token sequence)."""
+    acts = torch.as_tensor(acts).detach()
+    if acts.ndim < 2:
+        raise DictionaryError(f"activations must be shaped (N, d) or (..., d), got {tuple(acts.shape)}")
+    lead = acts.shape[:-1]
+    if token is None:
+        token = torch.arange(lead[-1])
+    try:
+        provenance = {
+            "sample_id": torch.as_tensor(sample_id, dtype=torch.int64).broadcast_to(lead),
+            "token": torch.as_tensor(token, dtype=torch.int64).broadcast_to(lead),
+            "timestep": torch.as_tensor(timestep, dtype=torch.float32).broadcast_to(lead),
+        }
+    except RuntimeError as err:
+        raise DictionaryError(
+            f"provenance does not fit activations shaped {tuple(acts.shape)} ({err}); "
+            "give one sample_id / token / timestep per vector, or one for all"
+        ) from err
+    rows = {"activations": acts.reshape(-1, acts.shape[-1]).cpu()}
+    rows.update({name: value.reshape(-1).cpu() for name, value in provenance.items()})
+    return rows
+
+
+def _n(rows: Rows) -> int:
+    return rows["activations"].shape[0]
+
+
+def _cat(chunks: list[Rows]) -> Rows:
+    return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def _take(rows: Rows, index: Union[Tensor, slice]) -> Rows:
+    return {name: value[index] for name, value in rows.items()}
+
+
+def _check_width(expected: Optional[int], rows: Rows, holder: str) -> int:
+    width = rows["activations"].shape[-1]
+    if expected is not None and width != expected:
+        raise DictionaryError(
+            f"activations have width {width} but {holder} holds width {expected}: capture one site per {holder}"
+        )
+    return width
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+class ActivationBuffer:
+    """Capture into memory, up to ``max_tokens`` vectors of width ``d`` (inferred if None).
+
+    An append that does not fit is refused whole and nothing of it is kept, so
+    the buffer only ever holds complete appends (whole samples)."""
+
+    def __init__(self, max_tokens: int, d: Optional[int] = None):
+        if max_tokens < 1:
+            raise DictionaryError(f"max_tokens={max_tokens}: a capture buffer must hold at least one vector")
+        self.max_tokens = int(max_tokens)
+        self.d = d
+        self.n_tokens = 0
+        self._chunks: list[Rows] = []
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def append(self, acts: Tensor, sample_id: Union[int, Tensor], token: Optional[Tensor], timestep: Union[float, Tensor]) -> None:
+        """Add vectors ``(..., d)`` with their provenance (see :class:`ShardWriter.add`)."""
+        rows = _rows(acts, sample_id, token, timestep)
+        width = _check_width(self.d, rows, "capture buffer")
+        if self.n_tokens + _n(rows) > self.max_tokens:
+            raise DictionaryError(
+                f"capture buffer is full at {self.n_tokens} vectors: raise max_tokens, subsample tokens, or write "
+                f"shards to disk (the {_n(rows)} vectors of this call were not kept)"
+            )
+        self.d = width
+        self._chunks.append(rows)
+        self.n_tokens += _n(rows)
+
+    def tensors(self) -> Rows:
+        """Everything captured: ``activations (N, d)``, ``sample_id``, ``token`` (int64), ``timestep`` (float32)."""
+        if not self._chunks:
+            return {
+                "activations": torch.zeros(0, self.d or 0),
+                "sample_id": torch.zeros(0, dtype=torch.int64),
+                "token": torch.zeros(0, dtype=torch.int64),
+                "timestep": torch.zeros(0),
+            }
+        return _cat(self._chunks)
+
+
+# ----------------------------------------------------------------------------- on disk: layout
+
+
+def _damaged(path: Path, why: Any) -> DictionaryError:
+    return DictionaryError(f"{path}: activation shard is truncated or damaged ({why}); delete it and run capture again")
+
+
+def _shard_paths(directory: Path) -> list[Path]:
+    """``shard_*.safetensors`` files in index order (temp files and others ignored)."""
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _SHARD_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """The manifest entry of one shard, from its header alone (cheap; detects truncation)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            shape = f.get_slice("activations").get_shape() if "activations" in names else None
+    except Exception as err:  # safetensors reports truncation and garbage as various errors
+        raise _damaged(path, err) from err
+    if meta.get("format") != FORMAT or shape is None or len(shape) != 2 or not set(PROVENANCE) <= names:
+        raise _damaged(path, f"not a '{FORMAT}' file")
+    try:
+        return {
+            "file": path.name,
+            "tokens": int(shape[0]),
+            "d": int(shape[1]),
+            "dtype": meta["dtype"],
+            "site": json.loads(meta["site"]),
+            "max_sample_id": int(meta["max_sample_id"]),
+        }
+    except (KeyError, ValueError) as err:
+        raise _damaged(path, f"header field {err}") from err
+
+
+def _remove_stray_temps(directory: Path) -> None:
+    """Temp files of writes that were killed half-way (see :func:`sae_core.atomic.atomic_write`)."""
+    for pattern in (".shard_*.tmp", f".{MANIFEST}.*.tmp"):
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise DictionaryError(f"shards are stored as {', '.join(DTYPES)}, not {dtype}")
+
+
+# ----------------------------------------------------------------------------- on disk: writing
+
+
+class ShardWriter:
+    """Write activations of one site to ``directory`` as shards of ``shard_tokens`` vectors.
+
+    ``dtype``: float16 (default, half the disk; values beyond +-65504 are refused),
+    bfloat16 or float32. ``extra``: JSON-able facts stored in the manifest (e.g.
+    prompts), merged over those of an earlier session. Reopening a directory
+    appends to it; it must hold the same site, width and dtype. Use it as a
+    context manager or call :meth:`close` to flush the last, partial shard.
+    """
+
+    def __init__(
+        self,
+        directory: Union[str, Path],
+        site: Site,
+        shard_tokens: int = 65536,
+        dtype: torch.dtype = torch.float16,
+        extra: Optional[Mapping[str, Any]] = None,
+    ):
+        if shard_tokens < 1:
+            raise DictionaryError(f"shard_tokens={shard_tokens}: a shard must hold at least one vector")
+        self.directory = Path(directory)
+        self.site = Site.from_dict(site.to_dict())
+        self.shard_tokens = int(shard_tokens)
+        self.dtype = dtype
+        self._dtype_name = _dtype_name(dtype)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _remove_stray_temps(self.directory)
+        self._shards = [_shard_header(p) for p in _shard_paths(self.directory)]
+        self.d = self._check_existing()
+        self.extra = {**self._previous_extra(), **dict(extra or {})}
+        try:
+            json.dumps(self.extra)
+        except TypeError as err:
+            raise DictionaryError(f"extra manifest data must be JSON-able ({err}): pass strings, numbers, lists, dicts") from err
+        self._max_sample_id = max((s["max_sample_id"] for s in self._shards), default=-1)
+        self._pending: list[Rows] = []
+        self._pending_tokens = 0
+        self._closed = False
+        if self._shards:
+            self._write_manifest()  # a kill between a shard and its manifest update left it one behind
+
+    def _check_existing(self) -> Optional[int]:
+        for shard in self._shards:
+            where = self.directory / shard["file"]
+            if Site.from_dict(shard["site"]) != self.site:
+                raise DictionaryError(
+                    f"{where} holds activations of site {Site.from_dict(shard['site'])}, not {self.site}: "
+                    "capture each site into its own directory"
+                )
+            if shard["dtype"] != self._dtype_name:
+                raise DictionaryError(f"{where} is stored as {shard['dtype']}, not {self._dtype_name}: reopen with the same dtype")
+            if shard["d"] != self._shards[0]["d"]:
+                raise DictionaryError(f"{where} has width {shard['d']}, other shards {self._shards[0]['d']}: delete the odd shard")
+        return self._shards[0]["d"] if self._shards else None
+
+    def _previous_extra(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.directory / MANIFEST).read_text()).get("extra") or {})
+        except (OSError, ValueError, AttributeError):
+            return {}  # no or damaged manifest: it is rebuilt from the shards
+
+    @property
+    def n_tokens(self) -> int:
+        """Vectors written to shards plus those waiting for the next shard."""
+        return sum(s["tokens"] for s in self._shards) + self._pending_tokens
+
+    @property
+    def next_sample_id(self) -> int:
+        """One past the largest sample id written or pending: where a resumed capture continues."""
+        return self._max_sample_id + 1
+
+    def add(self, acts: Tensor, sample_id: Union[int, Tensor], token: Optional[Tensor], timestep: Union[float, Tensor]) -> None:
+        """Queue vectors ``(..., d)``; every ``shard_tokens`` of them become a shard.
+
+        ``sample_id`` (int64), ``token`` (int64; None numbers the tokens along the
+        last leading axis) and ``timestep`` (the sigma) are one per vector or one
+        for all (broadcast to ``acts.shape[:-1]``)."""
+        if self._closed:
+            raise DictionaryError(f"the shard writer for {self.directory} is closed: open a new ShardWriter to append")
+        rows = _rows(acts, sample_id, token, timestep)
+        self.d = _check_width(self.d, rows, f"shard directory {self.directory}")
+        rows["activations"] = self._to_storage(rows["activations"])
+        if _n(rows) == 0:
+            return
+        self._pending.append(rows)
+        self._pending_tokens += _n(rows)
+        self._max_sample_id = max(self._max_sample_id, int(rows["sample_id"].max()))
+        while self._pending_tokens >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _to_storage(self, acts: Tensor) -> Tensor:
+        if self.dtype == torch.float16 and acts.numel():
+            peak = float(acts.abs().max())
+            if peak > _FLOAT16_MAX:
+                raise DictionaryError(
+                    f"activations reach {peak:.4g}, beyond float16's range (65504): "
+                    "capture with dtype=torch.bfloat16 or torch.float32"
+                )
+        return acts.to(self.dtype)
+
+    def _flush(self, n: int) -> None:
+        """Write the first ``n`` pending vectors as the next shard; on failure nothing changes."""
+        pending = _cat(self._pending)
+        shard, rest = _take(pending, slice(0, n)), _take(pending, slice(n, None))
+        index = int(_SHARD_NAME.match(self._shards[-1]["file"]).group(1)) + 1 if self._shards else 0
+        path = self.directory / f"shard_{index:05d}.safetensors"
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "site": json.dumps(self.site.to_dict()),
+            "dtype": self._dtype_name,
+            "max_sample_id": int(shard["sample_id"].max()),
+        }
+        save_safetensors_atomic(path, shard, meta)
+        self._shards.append({
+            "file": path.name, "tokens": n, "d": self.d, "dtype": self._dtype_name,
+            "site": self.site.to_dict(), "max_sample_id": meta["max_sample_id"],
+        })
+        self._pending = [rest] if _n(rest) else []
+        self._pending_tokens = _n(rest)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "site": self.site.to_dict(),
+            "d": self.d,
+            "dtype": self._dtype_name,
+            "n_tokens": sum(s["tokens"] for s in self._shards),
+            "shards": [{"file": s["file"], "tokens": s["tokens"]} for s in self._shards],
+            "extra": self.extra,
+        }
+        text = json.dumps(manifest, indent=1)
+        atomic_write(self.directory / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+    def close(self) -> None:
+        """Flush the remaining vectors as a last, smaller shard and write the manifest."""
+        if self._closed:
+            return
+        if self._pending_tokens:
+            self._flush(self._pending_tokens)
+        self._write_manifest()
+        self._closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()  # what was captured is valid even if the capture loop failed
+
+
+# ----------------------------------------------------------------------------- on disk: reading
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise DictionaryError(f"activation directory {directory} does not exist: run capture first or check the path")
+    path = directory / MANIFEST
+    if not path.exists():
+        if _shard_paths(directory):
+            raise DictionaryError(f"{directory} has shards but no {MANIFEST}: reopen it with ShardWriter and close() to rebuild it")
+        raise DictionaryError(f"no activation shards in {directory}: run capture first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DictionaryError(f"{path} is damaged ({err}): reopen the directory with ShardWriter and close() to rebuild it") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DictionaryError(f"{path} is not a '{FORMAT}' manifest: point at a directory written by ShardWriter")
+    if manifest.get("version") != VERSION:
+        raise DictionaryError(f"{path} has shard format version {manifest.get('version')!r}; this engine reads {VERSION!r}: update it")
+    if not manifest.get("n_tokens"):
+        raise DictionaryError(f"{directory} holds no activation vectors: run capture again (it wrote none)")
+    return manifest
+
+
+class ShardReader:
+    """Batches ``{"activations", "sample_id", "token", "timestep"}`` from a shard directory.
+
+    Re-iterable: each ``iter()`` starts the reader's next pass (0, 1, 2...), and
+    pass ``i`` depends only on ``(seed, i)`` (see :meth:`iter_pass`), so a fresh
+    reader replays a training run's data exactly. ``shuffle``: random shard
+    order and a rolling shuffle buffer of ``buffer_tokens`` vectors; otherwise
+    shard order and token order as written. ``drop_last`` (default True) skips
+    the final partial batch of a pass, as equal batch sizes keep training
+    losses comparable; pass False to read every vector. Activations keep their
+    stored dtype.
+    """
+
+    def __init__(
+        self,
+        directory: Union[str, Path],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_tokens: int = 262144,
+        drop_last: bool = True,
+    ):
+        if batch_size < 1:
+            raise DictionaryError(f"batch_size={batch_size}: a batch needs at least one vector")
+        self.directory = Path(directory)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.buffer_tokens = int(buffer_tokens)
+        self.drop_last = drop_last
+        self._manifest = _read_manifest(self.directory)
+        if drop_last and self.n_tokens < self.batch_size:
+            raise DictionaryError(
+                f"{self.directory} holds {self.n_tokens} vectors, fewer than one batch of {self.batch_size}: "
+                "lower batch_size or capture more"
+            )
+        self._passes = 0
+
+    @property
+    def d(self) -> int:
+        return int(self._manifest["d"])
+
+    @property
+    def site(self) -> Site:
+        return Site.from_dict(self._manifest["site"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._manifest["n_tokens"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self._manifest["dtype"]]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self._manifest.get("extra") or {})
+
+    def __iter__(self) -> Iterator[Rows]:
+        index = self._passes
+        self._passes += 1
+        return self.iter_pass(index)
+
+    def iter_pass(self, index: int) -> Iterator[Rows]:
+        """Pass ``index`` over the data, the same every time it is asked for."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        shards = self._manifest["shards"]
+        order = torch.randperm(len(shards), generator=gen).tolist() if self.shuffle else range(len(shards))
+        capacity = max(self.buffer_tokens, self.batch_size)
+        pool: Optional[Rows] = None
+        for i in order:
+            shard = self._load(shards[i])
+            pool = shard if pool is None else _cat([pool, shard])
+            if _n(pool) >= capacity:
+                keep = min(capacity // 2, _n(pool) - self.batch_size)  # mix half into later shards
+                n_batches = (_n(pool) - keep) // self.batch_size
+                batches, pool = self._split(pool, n_batches, gen)
+                yield from batches
+        if pool is not None:
+            batches, rest = self._split(pool, _n(pool) // self.batch_size, gen)
+            yield from batches
+            if _n(rest) and not self.drop_last:
+                yield rest
+
+    def _split(self, pool: Rows, n_batches: int, gen: torch.Generator) -> tuple[list[Rows], Rows]:
+        """``n_batches`` batches drawn from ``pool`` (at random when shuffling) and what is left."""
+        order = torch.randperm(_n(pool), generator=gen) if self.shuffle else torch.arange(_n(pool))
+        size = self.batch_size
+        batches = [_take(pool, order[j * size:(j + 1) * size]) for j in range(n_batches)]
+        return batches, _take(pool, order[n_batches * size:])
+
+    def _load(self, entry: Mapping[str, Any]) -> Rows:
+        path = self.directory / entry["file"]
+        if not path.exists():
+            raise DictionaryError(
+                f"{path} is listed in {MANIFEST} but missing: reopen the directory with ShardWriter and close() to "
+                "rebuild the manifest, or run capture again"
+            )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                rows = {name: f.get_tensor(name) for name in ("activations", *PROVENANCE)}
+        except Exception as err:  # truncation, garbage, missing tensors: all mean "re-capture this shard"
+            raise _damaged(path, err) from err
+        n = int(entry["tokens"])
+        if rows["activations"].shape != (n, self.d) or any(rows[p].shape != (n,) for p in PROVENANCE):
+            raise _damaged(path, f"expected {n} vectors of width {self.d}")
+        return rows

@@ -1,0 +1,540 @@
+"""Steering: editing a site's activations along dictionary features.
+
+Every edit here has the same form. For activations ``h: (batch, tokens, d)``
+and features ``f`` with model-space directions ``v_f`` (the change one unit of
+the feature's activation makes, :meth:`direction`), the edited activations are
+
+    h'[b, t] = h[b, t] + sum_f c[b, t, f] * v_f
+
+and the operations differ only in the coefficients ``c``:
+
+* **add** (seed A, SDLens): ``c = s * scale``, the same for every token, where
+  the *units* say what strength 1 means: ``token_norm``, the row's mean token
+  norm along the *unit* direction (seed A adds 0.8 of it); ``mean_activation``,
+  the feature's mean activation when it fires (SDLens uses strength ~10);
+  ``raw``, one unit of activation.
+* **clamp**: encode ``h``, read the feature's current activation ``a`` per token
+  (0 where it is not selected) and set ``c = target - a``. Because decoding is
+  affine in the codes, ``h + (target - a) v_f = decode(codes') + (h - decode(codes))``
+  where ``codes'`` are the codes with the feature set to ``target``: this *is*
+  encode -> edit -> decode, with the reconstruction error, everything the
+  dictionary does not explain, kept instead of thrown away.
+* **ablate**: clamp to 0 (the strength is the fraction removed).
+* **swap**: move a source feature's activation onto a target feature, token by
+  token (``c_src = -s a_src``, ``c_dst = +s a_src``).
+
+Why offer more than addition: measured on a small Flux-architecture model
+(``shared/notes/anchors.md``), adding a colour feature everywhere flipped <= 6 %
+of samples while moving the opposite colour's activation onto it where it
+fired (clamp + ablate, error kept) flipped 28 %, and a difference-of-means
+direction flipped 75 %. So steers can be confined to tokens where the feature
+already fires (``where="where_active"``), and :func:`diff_of_means_direction`
+with :func:`add_direction` gives the baseline every steer should be compared to.
+
+:func:`steer_function` turns a list of :class:`Steer` into a site function
+(see :mod:`sae_core.intervention`) that gates each steer by noise level
+(:mod:`sae_core.timesteps`), by CFG half and by a painted mask. Tokens an edit
+does not touch come back bit for bit, and when nothing is touched the input
+tensor itself is returned, so a disabled or zero-strength steer leaves the
+model's output bit-identical to the unpatched model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import DictionaryError
+from .intervention import SiteContext, SiteFunction
+from .kernels import SparseCodes
+from .timesteps import Window, in_window, validate_sigma_range, validate_window
+
+MODES = ("add", "clamp", "ablate", "swap")
+UNITS = ("token_norm", "mean_activation", "raw")
+WHERE = ("everywhere", "where_active")
+
+
+class Dictionary(Protocol):
+    """The surface steering uses; SparseAutoencoder and ITDA both provide it."""
+
+    @property
+    def n_latents(self) -> int: ...
+
+    @property
+    def d_in(self) -> int: ...
+
+    def encode(self, x: Tensor) -> SparseCodes: ...
+
+    def direction(self, feature: int, unit: bool = False) -> Tensor: ...
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _compute_dtype(h: Tensor) -> torch.dtype:
+    return torch.promote_types(h.dtype, torch.float32)
+
+
+def _check_activations(h: Tensor, d_in: int) -> None:
+    if h.ndim != 3:
+        raise DictionaryError(f"steering expects site activations shaped (batch, tokens, d), got {tuple(h.shape)}")
+    if h.shape[-1] != d_in:
+        raise DictionaryError(
+            f"activations have width {h.shape[-1]} but the steering dictionary expects d_in={d_in}; "
+            "use a dictionary trained on this site"
+        )
+
+
+def _check_features(dictionary: Dictionary, features: Sequence[int]) -> tuple[int, ...]:
+    features = tuple(int(f) for f in features)
+    if not features:
+        raise DictionaryError("no features to steer: pick at least one feature id")
+    n = dictionary.n_latents
+    for f in features:
+        if not 0 <= f < n:
+            raise DictionaryError(f"feature {f} is out of range: this dictionary has {n} latents (0..{n - 1})")
+    return features
+
+
+def _strength_vector(strengths: Union[float, Sequence[float]], n: int, what: str = "feature") -> Tensor:
+    values = [float(strengths)] if isinstance(strengths, (int, float)) else [float(s) for s in strengths]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise DictionaryError(f"got {len(values)} strengths for {n} {what}s: give one per {what}, or one for all")
+    if not all(math.isfinite(v) for v in values):
+        raise DictionaryError(f"strengths must be finite numbers, got {values}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def mean_token_norm(h: Tensor) -> Tensor:
+    """Mean L2 norm of the tokens of each row: ``(batch, tokens, d) -> (batch,)``, float32 or wider."""
+    return h.to(_compute_dtype(h)).norm(dim=-1).mean(dim=-1)
+
+
+def feature_directions(dictionary: Dictionary, features: Sequence[int]) -> Tensor:
+    """Model-space directions ``(len(features), d)`` in float32, one per feature."""
+    return torch.stack([dictionary.direction(f).detach().float().cpu() for f in features])
+
+
+def feature_activations(h: Tensor, dictionary: Dictionary, features: Sequence[int]) -> Tensor:
+    """Current activation of each feature on each token: ``(batch, tokens, len(features))``.
+
+    A feature the encoder did not select on a token reads 0 there."""
+    with torch.no_grad():
+        codes = dictionary.encode(h.to(_compute_dtype(h)))
+    ids = torch.as_tensor(features, dtype=codes.indices.dtype, device=codes.indices.device)
+    selected = codes.indices.unsqueeze(-1) == ids  # (batch, tokens, k, F)
+    return (codes.values.float().unsqueeze(-1) * selected).sum(dim=-2).to(h.device)
+
+
+def recorded_mean_activations(dictionary: Dictionary, features: Sequence[int]) -> Tensor:
+    """The dictionary's mean activation (when firing) of each feature, float32 ``(F,)``.
+
+    Raises when a dictionary carries no firing statistics or a feature never
+    fired, since "strength x 0" would silently do nothing."""
+    stats = getattr(dictionary, "mean_activation", None)
+    if stats is None:
+        raise DictionaryError(
+            "this dictionary records no mean activations: steer with units 'token_norm' or 'raw'"
+        )
+    values = torch.stack([stats[f].detach().float().cpu() for f in features])
+    silent = [f for f, v in zip(features, values.tolist()) if not v > 0]
+    if silent:
+        raise DictionaryError(
+            f"feature(s) {', '.join(map(str, silent))} have no recorded mean activation (never fired, or the file "
+            "carries no firing statistics): steer with units 'token_norm' or 'raw'"
+        )
+    return values
+
+
+def _token_weights(weights: Optional[Tensor], h: Tensor, n_features: int) -> Tensor:
+    """Per-token (and optionally per-feature) weights as a tensor broadcastable to ``(batch, tokens, F)``."""
+    if weights is None:
+        return torch.ones(1, 1, 1, device=h.device)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=h.device)
+    batch, tokens = h.shape[:2]
+    if w.shape == (tokens,):
+        return w.reshape(1, tokens, 1)
+    if w.shape == (batch, tokens):
+        return w.unsqueeze(-1)
+    if w.shape == (batch, tokens, n_features):
+        return w
+    raise DictionaryError(
+        f"token_weights shaped {tuple(w.shape)} do not fit activations {tuple(h.shape)} and {n_features} feature(s): "
+        "give (tokens,), (batch, tokens) or (batch, tokens, features)"
+    )
+
+
+def apply_coefficients(h: Tensor, coefficients: Tensor, directions: Tensor) -> Tensor:
+    """``h + coefficients @ directions`` on the tokens with a non-zero coefficient.
+
+    ``coefficients`` broadcast to ``(batch, tokens, F)``; ``directions: (F, d)``.
+    Computed in float32 (or wider) and returned in ``h``'s dtype; untouched tokens
+    keep their exact bits, and if no token is touched ``h`` itself is returned."""
+    touched = (coefficients != 0).any(dim=-1)
+    if not bool(touched.any()):
+        return h
+    dtype = _compute_dtype(h)
+    delta = coefficients.to(dtype) @ directions.to(device=h.device, dtype=dtype)
+    edited = (h.to(dtype) + delta).to(h.dtype)
+    return torch.where(touched.unsqueeze(-1), edited, h)
+
+
+def _unit_activations(h: Tensor, directions: Tensor, units: str, mean_activation: Optional[Tensor]) -> Tensor:
+    """Activation that strength 1 stands for, per row and feature: ``(batch or 1, F)``."""
+    if units == "token_norm":
+        norms = directions.to(h.device).norm(dim=-1).clamp_min(1e-12)
+        return mean_token_norm(h).float().unsqueeze(-1) / norms
+    if units == "mean_activation":
+        return mean_activation.to(h.device).unsqueeze(0)
+    return torch.ones(1, directions.shape[0], device=h.device)  # raw
+
+
+def _add(h: Tensor, directions: Tensor, strengths: Tensor, units: str,
+         mean_activation: Optional[Tensor], weights: Tensor) -> Tensor:
+    """``weights`` broadcast to ``(batch, tokens, F)``."""
+    if not bool(strengths.any()):
+        return h
+    amounts = _unit_activations(h, directions, units, mean_activation) * strengths.to(h.device)
+    return apply_coefficients(h, amounts.unsqueeze(1) * weights, directions)
+
+
+def _check_units(units: str) -> None:
+    if units not in UNITS:
+        raise DictionaryError(f"unknown steering units {units!r}: use one of {', '.join(UNITS)}")
+
+
+# ----------------------------------------------------------------------------- the operations
+
+
+def add_features(
+    h: Tensor,
+    dictionary: Dictionary,
+    features: Sequence[int],
+    strengths: Union[float, Sequence[float]],
+    units: str = "token_norm",
+    token_weights: Optional[Tensor] = None,
+) -> Tensor:
+    """``h + sum_f s_f * scale_f * v_f``, the same for every token (seed A, SDLens).
+
+    ``units``: ``"token_norm"`` (``s`` times the row's mean token norm along the
+    unit direction; seed A uses 0.8), ``"mean_activation"`` (``s`` times the
+    feature's mean activation; SDLens uses ~10) or ``"raw"`` (``s`` units of
+    activation). ``token_weights`` of shape ``(tokens,)``, ``(batch, tokens)`` or
+    ``(batch, tokens, features)``, in [0, 1], scale the edit per token (a
+    negative weight negates it). All-zero strengths return ``h`` itself.
+    """
+    features = _check_features(dictionary, features)
+    _check_units(units)
+    _check_activations(h, dictionary.d_in)
+    strengths_t = _strength_vector(strengths, len(features))
+    mean_activation = recorded_mean_activations(dictionary, features) if units == "mean_activation" else None
+    weights = _token_weights(token_weights, h, len(features))
+    return _add(h, feature_directions(dictionary, features), strengths_t, units, mean_activation, weights)
+
+
+def add_direction(
+    h: Tensor,
+    direction: Tensor,
+    strength: float,
+    units: str = "token_norm",
+    token_weights: Optional[Tensor] = None,
+) -> Tensor:
+    """Add any model-space ``direction: (d,)``: the diff-of-means baseline and the random control.
+
+    ``units``: ``"token_norm"`` (``strength`` x the row's mean token norm along
+    the unit direction) or ``"raw"`` (``strength`` x ``direction`` as given)."""
+    if units not in ("token_norm", "raw"):
+        raise DictionaryError(f"a plain direction is added in units 'token_norm' or 'raw', not {units!r}")
+    direction = torch.as_tensor(direction).detach().float().reshape(1, -1).cpu()
+    _check_activations(h, direction.shape[-1])
+    return _add(h, direction, _strength_vector(strength, 1), units, None, _token_weights(token_weights, h, 1))
+
+
+def clamp_features(
+    h: Tensor,
+    dictionary: Dictionary,
+    features: Sequence[int],
+    values: Union[float, Sequence[float], Tensor],
+    token_weights: Optional[Tensor] = None,
+) -> Tensor:
+    """Set each feature's activation to ``values`` (activation units), keeping the reconstruction error.
+
+    Returns ``h + sum_f (target_f - a_f) * v_f * weight`` where ``a_f`` is the
+    feature's current activation per token (0 where not selected). Since decode
+    is affine in the codes, this equals ``decode(edited codes) + (h - decode(codes))``:
+    encode -> edit -> decode with everything the dictionary does not explain kept.
+    ``values``: one per feature, one for all, or ``(batch, features)`` per row.
+    """
+    features = _check_features(dictionary, features)
+    _check_activations(h, dictionary.d_in)
+    targets = _clamp_targets(values, h.shape[0], len(features)).to(h.device)
+    current = feature_activations(h, dictionary, features)
+    coefficients = (targets.unsqueeze(1) - current) * _token_weights(token_weights, h, len(features))
+    return apply_coefficients(h, coefficients, feature_directions(dictionary, features))
+
+
+def _clamp_targets(values: Union[float, Sequence[float], Tensor], batch: int, n: int) -> Tensor:
+    if isinstance(values, Tensor) and values.ndim == 2:
+        if values.shape != (batch, n):
+            raise DictionaryError(f"per-row clamp values must be (batch, features) = ({batch}, {n}), got {tuple(values.shape)}")
+        return values.float()
+    values = values.tolist() if isinstance(values, Tensor) else values
+    return _strength_vector(values, n).unsqueeze(0)
+
+
+def ablate_features(
+    h: Tensor,
+    dictionary: Dictionary,
+    features: Sequence[int],
+    token_weights: Optional[Tensor] = None,
+) -> Tensor:
+    """Remove features: :func:`clamp_features` to 0 (a weight of 0.5 removes half)."""
+    return clamp_features(h, dictionary, features, 0.0, token_weights)
+
+
+def swap_features(
+    h: Tensor,
+    dictionary: Dictionary,
+    source: int,
+    target: int,
+    strength: float = 1.0,
+    token_weights: Optional[Tensor] = None,
+) -> Tensor:
+    """Move ``strength`` x the source feature's activation onto the target feature, token by token.
+
+    The source loses ``s * a_src`` and the target gains it, only where the source
+    fires; the reconstruction error is kept as in :func:`clamp_features`."""
+    features = _check_features(dictionary, (source, target))
+    _check_activations(h, dictionary.d_in)
+    current = feature_activations(h, dictionary, features)
+    coefficients = _swap_coefficients(current, _strength_vector(strength, 1).to(h.device))
+    coefficients = coefficients * _token_weights(token_weights, h, 2)
+    return apply_coefficients(h, coefficients, feature_directions(dictionary, features))
+
+
+def _swap_coefficients(current: Tensor, strengths: Tensor) -> Tensor:
+    """``current: (batch, tokens, 2P)`` of (source, target) pairs; ``strengths: (P,)``."""
+    moved = current[..., 0::2] * strengths
+    return torch.stack([-moved, moved], dim=-1).flatten(-2)
+
+
+def diff_of_means_direction(acts_a: Tensor, acts_b: Tensor) -> Tensor:
+    """``mean(acts_a) - mean(acts_b)`` over all tokens, ``(d,)`` float32: the baseline steer.
+
+    E.g. activations on "red" prompts minus "blue" prompts; add it with
+    :func:`add_direction` (anchors.md: 0.5 x token norm flipped 75 % blue -> red)."""
+    a = torch.as_tensor(acts_a).detach()
+    b = torch.as_tensor(acts_b).detach()
+    if a.shape[-1] != b.shape[-1]:
+        raise DictionaryError(f"the two activation sets have widths {a.shape[-1]} and {b.shape[-1]}: take both from one site")
+    if a.numel() == 0 or b.numel() == 0:
+        raise DictionaryError("diff of means needs activations in both sets: one of them is empty")
+    mean_a = a.reshape(-1, a.shape[-1]).double().mean(0)
+    mean_b = b.reshape(-1, b.shape[-1]).double().mean(0)
+    return (mean_a - mean_b).float()
+
+
+# ----------------------------------------------------------------------------- steers
+
+
+def _as_tuple(values: Union[int, float, Sequence]) -> tuple:
+    return (values,) if isinstance(values, (int, float)) else tuple(values)
+
+
+@dataclass(frozen=True, eq=False)
+class Steer:
+    """One edit of a site's activations, as a node or a script describes it.
+
+    ``features`` / ``strengths``: feature ids and one strength per feature (or
+    one for all). For ``mode="swap"`` features come in (source, target) pairs
+    and strengths one per pair. What a strength means: ``add``, in ``units``;
+    ``clamp``, the target activation in ``units``; ``ablate`` and ``swap``, the
+    fraction of the activation removed or moved (1 = all; units ignored).
+    ``window`` (progress 0..1) and ``sigma_range``: when it acts, inclusive.
+    ``cond_only``: only rows of the positive prompt; ``subtract_uncond``: also
+    apply the negated edit to the uncond rows (SDLens under CFG; takes
+    precedence over ``cond_only`` for those rows). When the adapter cannot tell
+    cond from uncond rows every row counts as cond.
+    ``mask``: ``(H, W)`` weights in [0, 1] over the image, resized to the token
+    grid. ``where="where_active"``: only tokens on which the feature already
+    fires (swap always acts only where its source fires).
+    """
+
+    features: tuple[int, ...]
+    strengths: tuple[float, ...]
+    mode: str = "add"
+    units: str = "token_norm"
+    window: Optional[Window] = None
+    sigma_range: Optional[Window] = None
+    cond_only: bool = True
+    subtract_uncond: bool = False
+    mask: Optional[Tensor] = None
+    where: str = "everywhere"
+
+    def __post_init__(self) -> None:
+        features = tuple(int(f) for f in _as_tuple(self.features))
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "strengths", tuple(float(s) for s in _as_tuple(self.strengths)))
+        object.__setattr__(self, "window", validate_window(self.window))
+        object.__setattr__(self, "sigma_range", validate_sigma_range(self.sigma_range))
+        if self.mode not in MODES:
+            raise DictionaryError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
+        _check_units(self.units)
+        if self.where not in WHERE:
+            raise DictionaryError(f"unknown steering target {self.where!r}: use one of {', '.join(WHERE)}")
+        if not features:
+            raise DictionaryError("this steer lists no features: pick at least one feature id")
+        duplicated = sorted({f for f in features if features.count(f) > 1})
+        if duplicated:
+            raise DictionaryError(f"feature(s) {', '.join(map(str, duplicated))} listed twice in one steer: list each once")
+        if self.mode == "swap" and len(features) % 2:
+            raise DictionaryError("swap takes (source, target) pairs of features: give an even number of feature ids")
+        _strength_vector(self.strengths, self.n_strengths, "pair" if self.mode == "swap" else "feature")
+        if self.mask is not None:
+            object.__setattr__(self, "mask", _checked_mask(self.mask))
+
+    @property
+    def n_strengths(self) -> int:
+        return len(self.features) // 2 if self.mode == "swap" else len(self.features)
+
+    @property
+    def is_inert(self) -> bool:
+        """True when the steer cannot change anything: zero strengths for add, ablate and swap."""
+        return self.mode != "clamp" and not any(self.strengths)
+
+
+def _checked_mask(mask: Tensor) -> Tensor:
+    m = torch.as_tensor(mask).detach().float().cpu()
+    if m.ndim != 2:
+        raise DictionaryError(f"a steering mask is an (H, W) map, got shape {tuple(m.shape)}: pass one mask, not a batch")
+    if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+        raise DictionaryError("mask values must lie in [0, 1]: use a painted mask, not an image")
+    if not bool(m.any()):
+        raise DictionaryError("the mask is empty: paint the region to steer")
+    return m.clone()
+
+
+def mask_to_tokens(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Resize an ``(H, W)`` mask to the token grid ``(rows, cols)`` and flatten it row-major.
+
+    Shrinking averages the covered area (so a thin stroke still counts in
+    proportion); growing interpolates bilinearly."""
+    rows, cols = grid
+    m = mask.float()[None, None]
+    if m.shape[-2] >= rows and m.shape[-1] >= cols:
+        resized = F.interpolate(m, size=(rows, cols), mode="area")
+    else:
+        resized = F.interpolate(m, size=(rows, cols), mode="bilinear", align_corners=False)
+    return resized.reshape(rows * cols).clamp(0.0, 1.0)
+
+
+class _Plan:
+    """A validated steer bound to a dictionary, with its directions computed once."""
+
+    def __init__(self, dictionary: Dictionary, steer: Steer):
+        self.dictionary = dictionary
+        self.steer = steer
+        self.features = _check_features(dictionary, steer.features)
+        self.strengths = _strength_vector(steer.strengths, steer.n_strengths)
+        self.directions = feature_directions(dictionary, self.features)
+        uses_mean = steer.units == "mean_activation" and steer.mode in ("add", "clamp")
+        self.mean_activation = recorded_mean_activations(dictionary, self.features) if uses_mean else None
+        self._mask_cache: dict[tuple, Tensor] = {}
+
+    def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
+        steer = self.steer
+        if steer.mask is not None and ctx.grid is None:
+            raise DictionaryError(
+                "a steering mask needs image tokens, but this site's tokens have no grid (text tokens): "
+                "remove the mask or steer an image stream"
+            )
+        if steer.is_inert or not in_window(ctx, steer.window, steer.sigma_range):
+            return h
+        rows = _row_weights(ctx.cond, h.shape[0], steer)
+        selected = rows.nonzero().flatten()
+        if len(selected) == h.shape[0]:
+            return self._edit(h, self._weights(rows, ctx.grid, h))
+        if len(selected) == 0:
+            return h
+        # Edit (and encode) only the selected rows, e.g. the cond half under CFG.
+        index = selected.to(h.device)
+        part = h.index_select(0, index)
+        edited = self._edit(part, self._weights(rows[selected], ctx.grid, part))
+        return h if edited is part else h.index_copy(0, index, edited)
+
+    def _weights(self, rows: Tensor, grid: Optional[tuple[int, int]], h: Tensor) -> Tensor:
+        weights = rows.to(h.device).reshape(-1, 1, 1)
+        if self.steer.mask is not None:
+            weights = weights * self._mask_weights(grid, h).reshape(1, -1, 1)
+        return weights
+
+    def _edit(self, h: Tensor, weights: Tensor) -> Tensor:
+        steer = self.steer
+        mode = steer.mode
+        if mode == "add" and steer.where == "everywhere":
+            return _add(h, self.directions, self.strengths, steer.units, self.mean_activation, weights)
+        current = feature_activations(h, self.dictionary, self.features)
+        if steer.where == "where_active" and mode != "swap":
+            weights = weights * (current > 0)
+        strengths = self.strengths.to(h.device)
+        if mode == "add":
+            coefficients = _unit_activations(h, self.directions, steer.units, self.mean_activation) * strengths
+            coefficients = coefficients.unsqueeze(1)
+        elif mode == "clamp":
+            targets = _unit_activations(h, self.directions, steer.units, self.mean_activation) * strengths
+            coefficients = targets.unsqueeze(1) - current
+        elif mode == "ablate":
+            coefficients = -current * strengths
+        else:
+            coefficients = _swap_coefficients(current, strengths)
+        return apply_coefficients(h, coefficients * weights, self.directions)
+
+    def _mask_weights(self, grid: tuple[int, int], h: Tensor) -> Tensor:
+        key = (tuple(grid), h.device)
+        if key not in self._mask_cache:
+            if grid[0] * grid[1] != h.shape[1]:
+                raise DictionaryError(
+                    f"the token grid {grid[0]}x{grid[1]} does not match the site's {h.shape[1]} tokens; "
+                    "the model adapter reported a wrong grid"
+                )
+            self._mask_cache[key] = mask_to_tokens(self.steer.mask, grid).to(h.device)
+        return self._mask_cache[key]
+
+
+def _row_weights(cond: Optional[Tensor], batch: int, steer: Steer) -> Tensor:
+    """(batch,) float on the CPU: +1 for rows to edit, -1 for rows to edit negated, 0 to leave."""
+    if cond is None:
+        return torch.ones(batch)
+    cond = torch.as_tensor(cond).detach().reshape(-1).bool().cpu()
+    if cond.numel() != batch:
+        raise DictionaryError(
+            f"the site context marks {cond.numel()} rows as cond/uncond but the batch has {batch}; "
+            "the model adapter is out of step"
+        )
+    uncond = -1.0 if steer.subtract_uncond else (0.0 if steer.cond_only else 1.0)
+    return torch.where(cond, torch.tensor(1.0), torch.tensor(uncond))
+
+
+def steer_function(dictionary: Dictionary, steers: Sequence[Steer]) -> SiteFunction:
+    """A site function applying ``steers`` in order (each sees the previous one's result).
+
+    All validation happens here, before sampling starts. The function never
+    modifies its input in place; when no steer changes anything at a call
+    (gates closed, zero strengths, no rows or tokens selected) it returns the
+    input tensor itself.
+    """
+    plans = [_Plan(dictionary, steer) for steer in steers]
+
+    def steer_site(h: Tensor, ctx: SiteContext) -> Tensor:
+        _check_activations(h, dictionary.d_in)
+        for plan in plans:
+            h = plan(h, ctx)
+        return h
+
+    return steer_site

@@ -1,0 +1,244 @@
+"""Activation capture: the bounded buffer, shards on disk, and the shuffling reader."""
+import json
+
+import pytest
+import torch
+
+import sae_core.atomic
+from sae_core.errors import DictionaryError
+from sae_core.shards import ActivationBuffer, ShardReader, ShardWriter
+from sae_core.site import Site
+from sae_core.synthetic import superposition_data
+from sae_core.train import TrainConfig, train_dictionary
+
+SITE = Site(family="flux", block="double_blocks.9", stream="image")
+D = 8
+
+
+def samples(n_samples, tokens=50, d=D, seed=0):
+    """(n_samples, tokens, d) activations, distinct per vector."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_samples, tokens, d, generator=gen)
+
+
+def write(directory, acts, shard_tokens=100, dtype=torch.float32, first_sample=0, **kwargs):
+    with ShardWriter(directory, SITE, shard_tokens=shard_tokens, dtype=dtype, **kwargs) as writer:
+        for i, sample in enumerate(acts):
+            writer.add(sample, sample_id=first_sample + i, token=None, timestep=0.5 + i)
+    return writer
+
+
+def read_all(directory, **kwargs):
+    reader = ShardReader(directory, batch_size=kwargs.pop("batch_size", 64), drop_last=False, **kwargs)
+    batches = list(reader)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def shard_names(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("shard_"))
+
+
+# ----------------------------------------------------------------------------- writer and reader
+
+
+def test_round_trip_keeps_vectors_and_provenance_in_order(tmp_path):
+    acts = samples(5)
+    write(tmp_path, acts, extra={"prompts": ["a red car"] * 5})
+    assert shard_names(tmp_path) == [f"shard_{i:05d}.safetensors" for i in range(3)]
+    got = read_all(tmp_path, shuffle=False)
+    assert torch.equal(got["activations"], acts.reshape(-1, D))
+    assert torch.equal(got["sample_id"], torch.arange(5).repeat_interleave(50))
+    assert torch.equal(got["token"], torch.arange(50).repeat(5))
+    assert torch.equal(got["timestep"], (0.5 + torch.arange(5.0)).repeat_interleave(50))
+    assert got["sample_id"].dtype == torch.int64 and got["timestep"].dtype == torch.float32
+
+
+def test_manifest_describes_the_capture(tmp_path):
+    write(tmp_path, samples(5), extra={"prompts": ["a red car"]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["shards"] == [{"file": f"shard_{i:05d}.safetensors", "tokens": t} for i, t in enumerate([100, 100, 50])]
+    assert (manifest["d"], manifest["n_tokens"], manifest["dtype"]) == (D, 250, "float32")
+    assert Site.from_dict(manifest["site"]) == SITE
+    assert manifest["extra"] == {"prompts": ["a red car"]}
+    reader = ShardReader(tmp_path, batch_size=32)
+    assert (reader.d, reader.n_tokens, reader.site, reader.dtype) == (D, 250, SITE, torch.float32)
+
+
+def test_float16_is_the_default_and_out_of_range_values_are_refused(tmp_path):
+    acts = samples(2)
+    write(tmp_path / "half", acts, dtype=torch.float16)
+    got = read_all(tmp_path / "half", shuffle=False)
+    assert got["activations"].dtype == torch.float16
+    assert torch.allclose(got["activations"].float(), acts.reshape(-1, D), atol=1e-2)
+    with pytest.raises(DictionaryError, match="beyond float16's range.*bfloat16 or torch.float32"):
+        ShardWriter(tmp_path / "big", SITE).add(torch.full((4, D), 1e5), 0, None, 1.0)
+
+
+def test_a_failed_shard_write_leaves_no_partial_file_and_keeps_the_vectors(tmp_path, monkeypatch):
+    real_save = sae_core.atomic.save_file
+
+    def failing_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a shard")
+        raise OSError(28, "No space left on device")
+
+    writer = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
+    monkeypatch.setattr(sae_core.atomic, "save_file", failing_save)
+    with pytest.raises(DictionaryError, match="disk full"):
+        writer.add(samples(1, tokens=120)[0], 0, None, 1.0)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sae_core.atomic, "save_file", real_save)
+    writer.close()
+    assert ShardReader(tmp_path, batch_size=10).n_tokens == 120
+
+
+def test_reopening_appends_after_the_last_shard(tmp_path):
+    first, second = samples(5, seed=1), samples(3, seed=2)
+    write(tmp_path, first)
+    writer = write(tmp_path, second, first_sample=5, extra={"run": 2})
+    assert writer.n_tokens == 400
+    assert shard_names(tmp_path) == [f"shard_{i:05d}.safetensors" for i in range(5)]
+    got = read_all(tmp_path, shuffle=False)
+    assert torch.equal(got["activations"], torch.cat([first, second]).reshape(-1, D))
+    assert torch.equal(got["sample_id"], torch.arange(8).repeat_interleave(50))
+
+
+def test_a_killed_capture_resumes_losing_only_its_unflushed_remainder(tmp_path):
+    acts = samples(5)
+    writer = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
+    for i in range(5):
+        writer.add(acts[i], i, None, 1.0)
+    del writer  # killed: the last 50 vectors were never flushed
+    (tmp_path / ".shard_00002.safetensors.x1y2.tmp").write_bytes(b"partial")
+    (tmp_path / "manifest.json").unlink()  # killed between a shard and its manifest update
+
+    resumed = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert resumed.n_tokens == 200
+    assert resumed.next_sample_id == 4  # sample 3 straddled the flush; its first half is on disk
+    resumed.add(acts[4], resumed.next_sample_id, None, 1.0)
+    resumed.close()
+    got = read_all(tmp_path, shuffle=False)
+    assert torch.equal(got["activations"], torch.cat([acts[:4].reshape(-1, D), acts[4]]))
+
+
+def test_reopening_with_another_width_site_or_dtype_is_refused(tmp_path):
+    write(tmp_path, samples(2))
+    with pytest.raises(DictionaryError, match="width 4 but shard directory .* holds width 8"):
+        ShardWriter(tmp_path, SITE, dtype=torch.float32).add(torch.zeros(3, 4), 0, None, 1.0)
+    with pytest.raises(DictionaryError, match="capture each site into its own directory"):
+        ShardWriter(tmp_path, Site(family="flux", block="single_blocks.9"), dtype=torch.float32)
+    with pytest.raises(DictionaryError, match="stored as float32, not float16"):
+        ShardWriter(tmp_path, SITE)
+
+
+def test_a_truncated_shard_is_named_with_the_fix(tmp_path):
+    write(tmp_path, samples(5))
+    shard = tmp_path / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-40])
+    reader = ShardReader(tmp_path, batch_size=10, shuffle=False)
+    with pytest.raises(DictionaryError, match="shard_00001.safetensors: activation shard is truncated or damaged.*delete it and run capture again"):
+        list(reader)
+    with pytest.raises(DictionaryError, match="shard_00001.safetensors.*delete it"):
+        ShardWriter(tmp_path, SITE, dtype=torch.float32)
+
+
+def test_missing_or_empty_directories_are_clear_errors(tmp_path):
+    with pytest.raises(DictionaryError, match="does not exist: run capture first"):
+        ShardReader(tmp_path / "nowhere", batch_size=8)
+    with pytest.raises(DictionaryError, match="no activation shards in .*: run capture first"):
+        ShardReader(tmp_path, batch_size=8)
+    ShardWriter(tmp_path / "nothing", SITE).close()
+    with pytest.raises(DictionaryError, match="holds no activation vectors"):
+        ShardReader(tmp_path / "nothing", batch_size=8)
+
+
+# ----------------------------------------------------------------------------- shuffling
+
+
+def _sequence(reader, passes):
+    it = [list(reader) for _ in range(passes)]
+    return [torch.stack([b["sample_id"] * 1000 + b["token"] for b in p]) for p in it]
+
+
+def test_shuffled_passes_are_reproducible_per_seed_and_differ_between_passes(tmp_path):
+    write(tmp_path, samples(8))
+    a = _sequence(ShardReader(tmp_path, batch_size=25, seed=3, buffer_tokens=120), passes=2)
+    b = _sequence(ShardReader(tmp_path, batch_size=25, seed=3, buffer_tokens=120), passes=2)
+    c = _sequence(ShardReader(tmp_path, batch_size=25, seed=4, buffer_tokens=120), passes=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a[0], c[0])
+    everything = torch.arange(8).repeat_interleave(50) * 1000 + torch.arange(50).repeat(8)
+    for p in a:  # each pass is a permutation of every vector (400 = 16 full batches)
+        assert torch.equal(p.flatten().sort().values, everything.sort().values)
+    first_batch = a[0][0] // 1000
+    assert len(first_batch.unique()) > 2  # tokens of several samples are mixed in a batch
+
+
+def test_a_pass_can_be_replayed_by_index(tmp_path):
+    write(tmp_path, samples(4))
+    reader = ShardReader(tmp_path, batch_size=20, seed=1, buffer_tokens=64)
+    passes = [list(reader) for _ in range(3)]
+    replay = list(reader.iter_pass(2))
+    assert all(torch.equal(x["activations"], y["activations"]) for x, y in zip(passes[2], replay))
+
+
+def test_drop_last_skips_only_the_final_partial_batch(tmp_path):
+    write(tmp_path, samples(5))  # 250 vectors
+    sizes = [len(b["token"]) for b in ShardReader(tmp_path, batch_size=64, buffer_tokens=100)]
+    assert sizes == [64, 64, 64]
+    with pytest.raises(DictionaryError, match="fewer than one batch of 500"):
+        ShardReader(tmp_path, batch_size=500)
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def test_buffer_refuses_a_whole_append_when_full_and_keeps_what_it_had():
+    buffer = ActivationBuffer(max_tokens=120)
+    buffer.append(torch.ones(2, 50, D), sample_id=torch.tensor([[0], [1]]), token=None, timestep=1.0)
+    with pytest.raises(DictionaryError, match="capture buffer is full at 100 vectors: raise max_tokens, "
+                                              "subsample tokens, or write shards to disk"):
+        buffer.append(torch.ones(50, D), sample_id=2, token=None, timestep=1.0)
+    tensors = buffer.tensors()
+    assert len(buffer) == 100 and tensors["activations"].shape == (100, D)
+    assert torch.equal(tensors["sample_id"], torch.arange(2).repeat_interleave(50))
+    assert torch.equal(tensors["token"], torch.arange(50).repeat(2))
+
+
+def test_buffer_refuses_another_width():
+    buffer = ActivationBuffer(max_tokens=100, d=D)
+    with pytest.raises(DictionaryError, match="width 4 but capture buffer holds width 8"):
+        buffer.append(torch.ones(3, 4), 0, None, 1.0)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_from_shards_resumes_exactly(tmp_path):
+    data = superposition_data(n_samples=6000, d=16, n_features=64, mean_l0=3, seed=0).x
+    with ShardWriter(tmp_path / "acts", SITE, shard_tokens=1000, dtype=torch.float32) as writer:
+        for i in range(0, 6000, 500):
+            writer.add(data[i:i + 500], sample_id=i // 500, token=None, timestep=1.0)
+    config = TrainConfig(k=4, n_latents=64, total_steps=40, warmup_steps=5, lr=3e-3, dead_tokens=2000,
+                         checkpoint_every=20)
+
+    def reader():
+        return ShardReader(tmp_path / "acts", batch_size=256, seed=7, buffer_tokens=2048)
+
+    full = train_dictionary(reader(), config).dictionary
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_25(step, total, metrics):
+        if step == 25:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_dictionary(reader(), config, checkpoint_dir=tmp_path / "ckpt", progress=stop_at_25)
+    resumed = train_dictionary(reader(), config, checkpoint_dir=tmp_path / "ckpt")
+    assert resumed.resumed_from_step == 20
+    for (name, a), b in zip(full.state_dict().items(), resumed.dictionary.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,1 @@
+"""Headless side of Diffusion SAE: ``python -m training <command>``."""
