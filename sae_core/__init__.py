@@ -23,11 +23,13 @@ from .loading import check_site_width, load_dictionary
 from .metrics import evaluate
 from .normalize import Standardizer, fit_standardizer
 from .sae import SparseAutoencoder
+from .shards import ActivationBuffer, ShardReader, ShardWriter
 from .site import Site
+from .steering import Steer, steer_function
 from .train import TrainConfig, TrainResult, train_dictionary
 
 __all__ = [
-    "DictionaryError", "ITDA", "Site", "SparseAutoencoder", "SparseCodes", "Standardizer", "TrainConfig",
+    "ActivationBuffer", "DictionaryError", "ITDA", "ShardReader", "ShardWriter", "Site", "Steer", "SparseAutoencoder", "SparseCodes", "Standardizer", "TrainConfig",
     "TrainResult", "check_site_width", "evaluate", "export_saelens", "fit_standardizer", "gradient_pursuit",
-    "load_dictionary", "read_header", "save_dictionary", "sparse_decode", "train_dictionary",
+    "load_dictionary", "read_header", "save_dictionary", "sparse_decode", "steer_function", "train_dictionary",
 ]
