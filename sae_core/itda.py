@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_width, model_space_direction
 from .errors import DictionaryError
 from .kernels import SparseCodes, codes_to_dense, sparse_decode
 from .normalize import Standardizer
@@ -106,11 +107,7 @@ class ITDA(nn.Module):
         return self.target_l0
 
     def check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.d_in:
-            raise DictionaryError(
-                f"activations have width {x.shape[-1]} but this dictionary (site {self.site}) expects "
-                f"d_in={self.d_in}; use a dictionary trained on this site or pick the matching site"
-            )
+        check_width(x, self.d_in, self.site)
 
     def encode(self, x: Tensor) -> SparseCodes:
         """Model-space activations ``(..., d_in)`` -> codes ``(..., min(target_l0, atoms))``."""
@@ -134,10 +131,7 @@ class ITDA(nn.Module):
 
     def direction(self, feature: int, unit: bool = False) -> Tensor:
         """Model-space direction of atom ``feature`` (an actual normalised activation)."""
-        if not 0 <= feature < self.n_latents:
-            raise DictionaryError(f"feature {feature} is out of range: this dictionary has {self.n_latents} latents (0..{self.n_latents - 1})")
-        v = self.standardizer.direction_to_model_space(self.atoms[feature])
-        return v / v.norm().clamp_min(1e-12) if unit else v
+        return model_space_direction(self.atoms, feature, self.standardizer, unit)
 
     @torch.no_grad()
     def grow(self, x: Tensor, provenance: dict[str, Tensor] | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_width, model_space_direction
 from .errors import DictionaryError
 from .kernels import SparseCodes, codes_to_dense, sparse_decode, threshold_codes
 from .normalize import Standardizer
@@ -74,11 +75,7 @@ class SparseAutoencoder(nn.Module):
         return self.W_dec.shape[0]
 
     def check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.d_in:
-            raise DictionaryError(
-                f"activations have width {x.shape[-1]} but this dictionary (site {self.site}) expects "
-                f"d_in={self.d_in}; use a dictionary trained on this site or pick the matching site"
-            )
+        check_width(x, self.d_in, self.site)
 
     def pre_activations(self, x_n: Tensor) -> Tensor:
         """Dense pre-activations ``(..., M)`` of normalised input ``x_n``."""
@@ -117,10 +114,7 @@ class SparseAutoencoder(nn.Module):
         """Model-space change caused by one unit of ``feature``'s activation.
 
         ``unit=True`` returns it normalised to length 1 (for steering by norm)."""
-        if not 0 <= feature < self.n_latents:
-            raise DictionaryError(f"feature {feature} is out of range: this dictionary has {self.n_latents} latents (0..{self.n_latents - 1})")
-        v = self.standardizer.direction_to_model_space(self.W_dec[feature].detach())
-        return v / v.norm().clamp_min(1e-12) if unit else v
+        return model_space_direction(self.W_dec, feature, self.standardizer, unit)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
