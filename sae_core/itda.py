@@ -2,14 +2,34 @@
 
 An ITDA dictionary is not learned by gradient descent: its atoms are *real*
 activation vectors, each remembered with where it came from (sample id, token
-position, timestep). An input is explained by a few atoms found with gradient
-pursuit, and the dictionary grows online: an input that the current atoms
-reconstruct worse than ``loss_threshold`` becomes an atom itself. Because each
-atom is an actual activation, every feature has a concrete example by
-construction, which is what makes ITDA features easy to inspect.
+position, timestep). Because every atom is an actual activation, every feature
+has a concrete example by construction, which is what makes ITDA features easy
+to inspect, and "training" is a single pass over the data.
+
+**Encoding** is a sparse approximation problem: find nonnegative weights ``w``
+with at most ``L0`` nonzeros such that ``x ≈ sum_j w_j atom_j``. Solving it
+exactly is NP-hard, so ITDA uses *gradient pursuit* (Blumensath & Davies 2008),
+a cheap relative of orthogonal matching pursuit. Each of ``L0`` iterations
+
+1. correlates the residual ``r = x - w @ atoms`` with every atom and adds the
+   most positively correlated one to the support;
+2. takes the gradient of ``||r||^2 / 2`` with respect to the support's weights
+   (their correlations with ``r``), and steps along it by the exact line-search
+   length ``<c, r> / <c, c>``, where ``c`` is that gradient mapped to input space;
+3. clips the weights at 0, so that a code reads "how much of this example is
+   present".
+
+Unlike matching pursuit, earlier weights keep being corrected as the support
+grows; unlike orthogonal matching pursuit, no least-squares system is solved.
+
+**Growing** the dictionary: an input whose relative reconstruction loss
+``||x - x_hat||^2 / ||x||^2`` exceeds ``loss_threshold`` is not explained by
+the current atoms, so it becomes an atom itself. Inputs already explained are
+skipped, which keeps the dictionary from filling up with near-copies.
 
 Atoms are stored unit-norm in normalised space (see :mod:`sae_core.normalize`);
-``encode`` takes and ``decode`` returns model-space activations, like the SAE.
+``encode`` takes and ``decode`` returns model-space activations, like the SAE,
+so callers treat :class:`ITDA` and :class:`~sae_core.sae.SparseAutoencoder` alike.
 """
 from __future__ import annotations
 
@@ -25,46 +45,97 @@ from .kernels import SparseCodes, codes_to_dense, sparse_decode
 from .normalize import Standardizer
 from .site import Site
 
-PROVENANCE = {"sample_id": (torch.int64, -1), "token": (torch.int64, -1), "timestep": (torch.float32, -1.0)}
+PROVENANCE: dict[str, tuple[torch.dtype, float]] = {
+    "sample_id": (torch.int64, -1),
+    "token": (torch.int64, -1),
+    # -1, not NaN: progress is never negative, and files with NaN are refused as diverged.
+    "timestep": (torch.float32, -1.0),
+}
+"""Provenance buffers: name -> (dtype, value meaning "unknown")."""
 
 
 def gradient_pursuit(x: Tensor, atoms: Tensor, l0: int) -> SparseCodes:
-    """Non-negative gradient pursuit (Blumensath & Davies 2008), batched.
+    """Nonnegative gradient pursuit (Blumensath & Davies 2008), batched over rows.
 
-    ``x: (N, D)`` inputs, ``atoms: (M, D)`` unit-norm rows, ``l0``: atoms per input.
-    Each iteration adds the atom most positively correlated with the residual
-    to the support, then takes an exact line-search step along the gradient
-    restricted to the support; weights are clipped at 0 so that codes read as
-    "how much of this example is present". Returns codes of width ``min(l0, M)``.
+    ``x: (N, D)`` inputs; ``atoms: (M, D)`` unit-norm rows; ``l0``: atoms per input.
+    Returns codes ``(N, min(l0, M))``: values >= 0, distinct indices per row
+    (a slot whose atom does not help keeps value 0). With no atoms at all, the
+    codes are zeros of width ``max(l0, 1)`` pointing at index 0.
+
+    Weights live in ``(N, l0)`` support slots next to their indices, and both
+    the gradient step and the residual are embedding-bag decodes, so memory is
+    ``O(N*M)`` for one correlation matrix plus ``O(N*D)``, never ``O(N*l0*D)``.
+    The gradient is projected onto the nonnegative orthant (a weight at 0 is
+    not pushed below it), so the line search measures the step actually taken.
     """
     n, m = x.shape[0], atoms.shape[0]
     if m == 0:
         width = max(l0, 1)
         return SparseCodes(x.new_zeros(n, width), torch.zeros(n, width, dtype=torch.long, device=x.device))
-    width = min(l0, m)
-    indices = torch.zeros(n, width, dtype=torch.long, device=x.device)
-    weights = x.new_zeros(n, width)
-    residual = x.clone()
-    rows = torch.arange(n, device=x.device)
-    for step in range(width):
+    atoms = atoms.to(x.dtype)
+    tiny = torch.finfo(x.dtype).tiny
+    indices = torch.zeros(n, 0, dtype=torch.long, device=x.device)
+    weights = x.new_zeros(n, 0)
+    residual = x
+    for _ in range(min(l0, m)):
         corr = residual @ atoms.T  # (N, M)
-        if step:
-            corr[rows[:, None], indices[:, :step]] = float("-inf")  # never pick an atom twice
-        indices[:, step] = corr.argmax(-1)
-        support = atoms[indices[:, : step + 1]]  # (N, s, D)
-        grad = torch.einsum("nsd,nd->ns", support, residual)
-        direction = torch.einsum("ns,nsd->nd", grad, support)
-        step_size = (direction * residual).sum(-1) / direction.pow(2).sum(-1).clamp_min(1e-12)
-        weights[:, : step + 1] = (weights[:, : step + 1] + step_size[:, None] * grad).clamp_min(0.0)
-        residual = x - torch.einsum("ns,nsd->nd", weights[:, : step + 1], support)
+        grad_support = corr.gather(1, indices)
+        # Selection needs no gradient: mask in place unless autograd still needs corr.
+        scores = corr.detach().clone() if corr.requires_grad else corr
+        best = scores.scatter_(1, indices, float("-inf")).argmax(-1, keepdim=True)  # never pick an atom twice
+        grad = torch.cat([grad_support, corr.gather(1, best)], 1)
+        indices = torch.cat([indices, best], 1)
+        weights = torch.cat([weights, weights.new_zeros(n, 1)], 1)
+        grad = torch.where((weights > 0) | (grad > 0), grad, torch.zeros_like(grad))
+        c = sparse_decode(SparseCodes(grad, indices), atoms)
+        step = (c * residual).sum(-1) / c.pow(2).sum(-1).clamp_min(tiny)
+        weights = (weights + step[:, None] * grad).clamp_min(0.0)
+        residual = x - sparse_decode(SparseCodes(weights, indices), atoms)
     return SparseCodes(weights, indices)
 
 
+def _greedy_distinct(unit: Tensor, limit: float, room: int, block: int = 2048) -> Tensor:
+    """Rows of ``unit: (C, D)`` (unit-norm, in priority order) kept greedily: a row is
+    dropped when a row kept before it has ``|cosine| > limit``; at most ``room`` rows.
+
+    Returns the kept row numbers ``(K,)`` in order. Rows are compared in blocks, and
+    the sequential choice within a block runs on the CPU, so a GPU batch costs one
+    synchronisation per block rather than one per candidate."""
+    kept: list[int] = []
+    kept_rows = unit.new_zeros(0, unit.shape[1])
+    for start in range(0, unit.shape[0], block):
+        if len(kept) >= room:
+            break
+        rows = unit[start : start + block]
+        free = ~((rows @ kept_rows.T).abs() > limit).any(-1)
+        close = ((rows @ rows.T).abs() > limit).cpu().numpy()
+        free = free.cpu().numpy()
+        picked: list[int] = []
+        for i in range(rows.shape[0]):
+            if len(kept) + len(picked) >= room:
+                break
+            if free[i]:
+                picked.append(i)
+                free &= ~close[i]
+        kept += [start + i for i in picked]
+        kept_rows = torch.cat([kept_rows, rows[picked]])
+    return torch.tensor(kept, dtype=torch.long, device=unit.device)
+
+
 class ITDA(nn.Module):
-    """A dictionary of real activations, encoded by gradient pursuit, grown online."""
+    """A dictionary of real activations, encoded by gradient pursuit, grown online.
+
+    Mirrors :class:`~sae_core.sae.SparseAutoencoder`'s surface (``encode``,
+    ``decode``, ``direction``, ``config``/``from_config``, feature statistics);
+    ``n_latents`` is the number of atoms and ``k`` the target L0."""
 
     kind = "itda"
     atoms: Tensor
+    sample_id: Tensor
+    token: Tensor
+    timestep: Tensor
+    firing_frequency: Tensor
+    mean_activation: Tensor
 
     def __init__(
         self,
@@ -89,8 +160,8 @@ class ITDA(nn.Module):
         self.standardizer = standardizer or Standardizer(d_in)
         self.metadata: dict[str, Any] = {}
         self.register_buffer("atoms", torch.zeros(n_atoms, d_in))
-        for name, (dtype, fill) in PROVENANCE.items():
-            self.register_buffer(name, torch.full((n_atoms,), fill, dtype=dtype))
+        for name, (dtype, unknown) in PROVENANCE.items():
+            self.register_buffer(name, torch.full((n_atoms,), unknown, dtype=dtype))
         self.register_buffer("firing_frequency", torch.zeros(n_atoms))
         self.register_buffer("mean_activation", torch.zeros(n_atoms))
 
@@ -109,74 +180,96 @@ class ITDA(nn.Module):
     def check_input(self, x: Tensor) -> None:
         check_width(x, self.d_in, self.site)
 
+    def _normalized_rows(self, x: Tensor) -> Tensor:
+        return self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.atoms.dtype))
+
     def encode(self, x: Tensor) -> SparseCodes:
         """Model-space activations ``(..., d_in)`` -> codes ``(..., min(target_l0, atoms))``."""
         self.check_input(x)
         lead = x.shape[:-1]
-        xn = self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.atoms.dtype))
-        values, indices = gradient_pursuit(xn, self.atoms, self.target_l0)
+        values, indices = gradient_pursuit(self._normalized_rows(x), self.atoms, self.target_l0)
         width = values.shape[-1]
         return SparseCodes(values.reshape(*lead, width), indices.reshape(*lead, width))
 
+    def decode_normalized(self, codes: SparseCodes) -> Tensor:
+        if self.n_latents == 0:  # codes of an empty dictionary point at no atom
+            return codes.values.new_zeros(*codes.values.shape[:-1], self.d_in)
+        return sparse_decode(codes, self.atoms)
+
     def decode(self, codes: SparseCodes) -> Tensor:
-        if self.n_latents == 0:
-            return self.standardizer.denormalize(codes.values.new_zeros(*codes.values.shape[:-1], self.d_in))
-        return self.standardizer.denormalize(sparse_decode(codes, self.atoms))
+        """Codes -> model-space reconstruction (the standardizer's mean when there are no atoms)."""
+        return self.standardizer.denormalize(self.decode_normalized(codes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x)).to(x.dtype)
 
     def dense_codes(self, x: Tensor) -> Tensor:
+        """Codes as a dense ``(..., n_atoms)`` matrix, for analysis and plotting."""
         return codes_to_dense(self.encode(x), self.n_latents)
 
     def direction(self, feature: int, unit: bool = False) -> Tensor:
-        """Model-space direction of atom ``feature`` (an actual normalised activation)."""
+        """Model-space change caused by one unit of atom ``feature`` (an actual normalised
+        activation); ``unit=True`` returns it normalised to length 1."""
         return model_space_direction(self.atoms, feature, self.standardizer, unit)
 
     @torch.no_grad()
     def grow(self, x: Tensor, provenance: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        """Add the inputs of ``x: (N, d_in)`` that the dictionary reconstructs worse than the threshold.
+        """Add the rows of ``x: (N, d_in)`` (model space) that the dictionary reconstructs
+        worse than ``loss_threshold``, as new unit-norm atoms.
 
-        Candidates are taken worst-first; one is skipped when an atom accepted from
-        the same batch has |cosine| above sqrt(1 - threshold) with it, since that
-        atom alone already reconstructs it below the threshold."""
+        ``provenance`` maps ``sample_id`` / ``token`` / ``timestep`` to one value per row
+        (or one for all rows); missing ones are stored as -1 (unknown). Candidates are
+        taken worst-first, and one is skipped when an atom accepted from this batch has
+        ``|cosine| > sqrt(1 - loss_threshold)`` with it: that atom alone already
+        reconstructs it below the threshold. Returns ``added``, ``candidates``, ``loss``
+        (mean relative loss before growing), ``full`` (``max_atoms`` reached) and
+        ``codes`` (the inputs' codes before growing, for firing statistics)."""
         self.check_input(x)
-        xn = self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.atoms.dtype))
+        xn = self._normalized_rows(x)
+        values = self._provenance_values(provenance or {}, xn.shape[0])
         norms = xn.norm(dim=-1)
-        recon = sparse_decode(gradient_pursuit(xn, self.atoms, self.target_l0), self.atoms) if self.n_latents else torch.zeros_like(xn)
+        codes = gradient_pursuit(xn, self.atoms, self.target_l0)
+        recon = self.decode_normalized(codes)
         loss = (xn - recon).pow(2).sum(-1) / norms.pow(2).clamp_min(1e-12)
-        loss = torch.where(norms > 1e-6, loss, torch.zeros_like(loss))
+        loss = torch.where(norms > 1e-6, loss, torch.zeros_like(loss))  # a zero row is nothing to explain
         candidates = torch.nonzero(loss > self.loss_threshold).flatten()
         candidates = candidates[loss[candidates].argsort(descending=True)]
-        room = max(self.max_atoms - self.n_latents, 0)
         unit = xn[candidates] / norms[candidates, None]
-        limit = math.sqrt(1 - self.loss_threshold)
-        accepted: list[int] = []
-        for i in range(unit.shape[0]):
-            if len(accepted) >= room:
-                break
-            if accepted and (unit[accepted] @ unit[i]).abs().max() > limit:
-                continue
-            accepted.append(i)
-        chosen = candidates[accepted]
-        if chosen.numel():
-            self.atoms = torch.cat([self.atoms, unit[accepted]])
-            provenance = provenance or {}
-            for name, (dtype, fill) in PROVENANCE.items():
-                value = provenance.get(name)
-                new = value.reshape(-1)[chosen.cpu()].to(dtype) if value is not None else torch.full((chosen.numel(),), fill, dtype=dtype)
-                setattr(self, name, torch.cat([getattr(self, name), new.to(self.atoms.device)]))
-            zeros = torch.zeros(chosen.numel(), device=self.atoms.device)
-            self.firing_frequency = torch.cat([self.firing_frequency, zeros])
-            self.mean_activation = torch.cat([self.mean_activation, zeros])
+        room = max(self.max_atoms - self.n_latents, 0)
+        kept = _greedy_distinct(unit, math.sqrt(1 - self.loss_threshold), room)
+        if kept.numel():
+            chosen = candidates[kept]
+            self.atoms = torch.cat([self.atoms, unit[kept]])
+            for name, value in values.items():
+                new = value if value.numel() == 1 else value[chosen.to(value.device)]
+                old = getattr(self, name)
+                setattr(self, name, torch.cat([old, new.to(old.device, old.dtype).expand(kept.numel())]))
+            for name in ("firing_frequency", "mean_activation"):
+                old = getattr(self, name)
+                setattr(self, name, torch.cat([old, old.new_zeros(kept.numel())]))
         return {
-            "added": int(chosen.numel()),
+            "added": int(kept.numel()),
             "candidates": int(candidates.numel()),
             "loss": float(loss.mean()) if loss.numel() else 0.0,
             "full": self.n_latents >= self.max_atoms,
+            "codes": codes,
         }
 
+    def _provenance_values(self, provenance: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        """One flat tensor per provenance buffer, of ``n`` values or a single shared one."""
+        unknown = set(provenance) - set(PROVENANCE)
+        if unknown:
+            raise DictionaryError(f"unknown ITDA provenance {', '.join(sorted(unknown))}; use {', '.join(PROVENANCE)}")
+        values = {}
+        for name, (dtype, missing) in PROVENANCE.items():
+            value = torch.as_tensor(provenance.get(name, missing)).reshape(-1)
+            if value.numel() not in (1, n):
+                raise DictionaryError(f"provenance '{name}' has {value.numel()} values for {n} activations; give one per activation row")
+            values[name] = value
+        return values
+
     def config(self) -> dict[str, Any]:
+        """Everything besides the tensors needed to rebuild this module (JSON-able)."""
         return {
             "kind": self.kind,
             "d_in": self.d_in,
@@ -191,6 +284,7 @@ class ITDA(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ITDA":
+        """An empty module with the shapes ``config`` describes (load a state dict into it)."""
         itda = cls(
             int(config["d_in"]),
             int(config.get("target_l0") or config.get("k") or 1),
@@ -203,4 +297,4 @@ class ITDA(nn.Module):
         return itda
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, atoms={self.n_latents}, target_l0={self.target_l0}, loss_threshold={self.loss_threshold}"
+        return f"d_in={self.d_in}, atoms={self.n_latents}, target_l0={self.target_l0}, loss_threshold={self.loss_threshold}, site={self.site}"

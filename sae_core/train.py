@@ -291,14 +291,15 @@ def train_dictionary(
     if "rng.cpu" in tensors:
         torch.set_rng_state(tensors["rng.cpu"])
 
-    tracker = FiringTracker(model.n_latents if isinstance(model, SparseAutoencoder) else 1, device)
+    # ITDA's atoms are appended, so its tracker is sized for the largest dictionary it may reach.
+    tracker = FiringTracker(model.max_atoms if isinstance(model, ITDA) else model.n_latents, device)
+    if any(k.startswith("tracker.") for k in tensors):
+        tracker.load_state({k[len("tracker."):]: v for k, v in tensors.items() if k.startswith("tracker.")})
     optimizer = None
     if isinstance(model, SparseAutoencoder):
         lr = config.lr or default_lr(model.n_latents)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=config.betas)
-        _restore_optimizer(optimizer, model, tensors, state["step"])
-        if any(k.startswith("tracker.") for k in tensors):
-            tracker.load_state({k[len("tracker."):]: v for k, v in tensors.items() if k.startswith("tracker.")})
+        _restore_optimizer(optimizer, model, tensors)
 
     start = time.perf_counter()
     while state["step"] < config.total_steps:
@@ -315,7 +316,7 @@ def train_dictionary(
             continue
         x = x.to(device=device, dtype=torch.float32)
         if isinstance(model, ITDA):
-            metrics = _itda_step(model, x, provenance)
+            metrics = _itda_step(model, tracker, x, provenance)
         else:
             metrics = _sae_step(model, optimizer, tracker, x, state, config)
         state["step"] += 1
@@ -359,7 +360,7 @@ def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig
     return torch.cat(rows)[: config.init_tokens]
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, model, tensors: dict[str, Tensor], step: int) -> None:
+def _restore_optimizer(optimizer: torch.optim.Optimizer, model, tensors: dict[str, Tensor]) -> None:
     for name, p in model.named_parameters():
         if f"optim.{name}.exp_avg" in tensors:
             optimizer.state[p] = {
@@ -420,17 +421,20 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
     }
 
 
-def _itda_step(itda: ITDA, x: Tensor, provenance: dict[str, Tensor]) -> dict:
+def _itda_step(itda: ITDA, tracker: FiringTracker, x: Tensor, provenance: dict[str, Tensor]) -> dict:
     grown = itda.grow(x, provenance or None)
-    return {"fvu": float(grown["loss"]), "atoms": itda.n_latents, "added": int(grown["added"]), "tokens": x.shape[0]}
+    tracker.update(grown["codes"])
+    # ITDA's loss is the mean per-input relative error, ||x - x_hat||^2 / ||x||^2 (not an FVU).
+    return {"relative_loss": grown["loss"], "atoms": itda.n_latents, "added": grown["added"], "tokens": tracker.tokens}
 
 
 def _finalise(model, tracker: FiringTracker, state: dict, config: TrainConfig) -> None:
     """Store firing statistics and a training summary with the dictionary."""
-    if isinstance(model, SparseAutoencoder) and tracker.tokens:
+    if tracker.tokens:
+        n = model.n_latents
         with torch.no_grad():
-            model.firing_frequency.copy_(tracker.firing_frequency())
-            model.mean_activation.copy_(tracker.mean_activation())
+            model.firing_frequency.copy_(tracker.firing_frequency()[:n])
+            model.mean_activation.copy_(tracker.mean_activation()[:n])
     last = state["history"][-1] if state["history"] else {}
     model.metadata.update(
         training={

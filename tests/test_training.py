@@ -160,3 +160,9 @@ def test_trained_dictionary_carries_firing_statistics_and_a_summary(data):
 def test_unknown_option_in_a_config_file_is_named():
     with pytest.raises(DictionaryError, match="unknown training option\\(s\\) learning_rate"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_itda_training_records_firing_statistics_for_its_atoms(data):
+    itda = train_dictionary(data, small_config(kind="itda", k=4, total_steps=10, loss_threshold=0.2)).dictionary
+    assert itda.firing_frequency.shape == (itda.n_latents,)
+    assert float(itda.firing_frequency.sum()) > 0 and float(itda.mean_activation.max()) > 0

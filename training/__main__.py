@@ -23,6 +23,8 @@ def tqdm_progress(desc: str, total: int):
         bar.update(step - bar.n)
         if "fvu" in metrics:
             bar.set_postfix(fvu=f"{metrics['fvu']:.3f}")
+        elif "atoms" in metrics:
+            bar.set_postfix(atoms=metrics["atoms"], loss=f"{metrics['relative_loss']:.3f}")
         if step >= total_steps:
             bar.close()
 
