@@ -1,0 +1,526 @@
+"""diffusers adapters: sites of real (tiny, random) Flux and U-Net models, read and edited through hooks.
+
+Each tiny model is built once per module. Token counts are chosen so that a swapped stream or a
+transposed grid changes a shape: 5 text tokens, a 3x4 image-token grid for Flux, 8x8 U-Net latents.
+"""
+from types import SimpleNamespace
+
+import comfyui_harness
+
+comfyui_harness.apply_torchvision_workaround()  # diffusers -> transformers -> torchvision (see the harness)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import (  # noqa: E402
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+from sae_core.errors import DictionaryError  # noqa: E402
+from sae_core.site import Site  # noqa: E402
+from training.adapters import ModelCall, SamplingState, adapter_for, attach, available_sites  # noqa: E402
+from training.adapters.flux import token_grid  # noqa: E402
+
+B, TEXT, ROWS, COLS = 2, 5, 3, 4
+D_FLUX = 32
+
+
+def identity(h, ctx):
+    return h
+
+
+def add(vector):
+    def steer(h, ctx):
+        return h + vector.to(h.dtype)
+
+    return steer
+
+
+class Recorder:
+    """Site function that keeps what it saw."""
+
+    def __init__(self):
+        self.h, self.ctx = [], []
+
+    def __call__(self, h, ctx):
+        self.h.append(h.detach().clone())
+        self.ctx.append(ctx)
+        return h
+
+
+class ManualHooks:
+    """Plain torch hooks recording modules' inputs and outputs, for comparison; removed on exit."""
+
+    def __init__(self, model, names):
+        self.model, self.names = model, names
+        self.inputs, self.outputs, self.handles = {}, {}, []
+
+    def __enter__(self):
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self.handles.append(module.register_forward_hook(self._record(name), with_kwargs=True))
+        return self
+
+    def _record(self, name):
+        def hook(module, args, kwargs, output):
+            self.inputs[name] = dict(kwargs, _args=args)
+            self.outputs[name] = output
+
+        return hook
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def hidden_input(inputs):
+    return inputs["hidden_states"] if "hidden_states" in inputs else inputs["_args"][0]
+
+
+def assert_no_hooks(model):
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"hook left on {name or 'model'}"
+
+
+def site(model, block, stream):
+    return next(s for s in available_sites(model) if (s.block, s.stream) == (block, stream))
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def flux():
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=[4, 6, 6])
+    return model.eval()
+
+
+def grid_ids(rows, cols):
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] += torch.arange(rows)[:, None]
+    ids[..., 2] += torch.arange(cols)[None, :]
+    return ids.reshape(-1, 3)
+
+
+@pytest.fixture(scope="module")
+def flux_inputs():
+    gen = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(B, ROWS * COLS, 16, generator=gen),
+                encoder_hidden_states=torch.randn(B, TEXT, 32, generator=gen),
+                pooled_projections=torch.randn(B, 32, generator=gen), timestep=torch.full((B,), 0.75),
+                img_ids=grid_ids(ROWS, COLS), txt_ids=torch.zeros(TEXT, 3))
+
+
+UNET_COMMON = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+                   sample_size=8, attention_head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **UNET_COMMON)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                 transformer_layers_per_block=(1, 2), use_linear_projection=True, **UNET_COMMON)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    gen = torch.Generator().manual_seed(2)
+    return dict(sample=torch.randn(B, 4, 8, 8, generator=gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(B, TEXT, 32, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def sdxl_inputs(unet_inputs):
+    gen = torch.Generator().manual_seed(3)
+    added = dict(text_embeds=torch.randn(B, 32, generator=gen), time_ids=torch.randn(B, 6, generator=gen))
+    return dict(unet_inputs, added_cond_kwargs=added)
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------- Flux: sites
+
+
+def test_flux_lists_double_and_single_block_sites(flux):
+    names = [(s.family, s.block, s.stream, s.extra["d"]) for s in available_sites(flux)]
+    assert names == [("flux", f"double_blocks.{i}", stream, D_FLUX) for i in range(2) for stream in ("image", "text", "update")] + \
+        [("flux", f"single_blocks.{i}", stream, D_FLUX) for i in range(2) for stream in ("image", "update")]
+
+
+def test_flux_blocks_return_text_then_image(flux, flux_inputs):
+    """diffusers 0.42: both block kinds return (encoder_hidden_states, hidden_states) = (text, image)."""
+    names = ["transformer_blocks.0", "single_transformer_blocks.0"]
+    with ManualHooks(flux, names) as manual:
+        run(flux, flux_inputs)
+    for name in names:
+        text, image = manual.outputs[name]
+        assert text.shape == (B, TEXT, D_FLUX) and image.shape == (B, ROWS * COLS, D_FLUX)
+
+
+def test_flux_capture_sees_each_streams_own_tokens(flux, flux_inputs):
+    recorders = {s: Recorder() for s in available_sites(flux)}
+    names = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    with ManualHooks(flux, names) as manual, attach(flux, recorders):
+        run(flux, flux_inputs)
+    for s, recorder in recorders.items():
+        kind, i = s.block.split(".")
+        module = f"{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{i}"
+        text, image = manual.outputs[module]
+        expected = {"image": image, "text": text, "update": image - hidden_input(manual.inputs[module])}[s.stream]
+        (h,), (ctx,) = recorder.h, recorder.ctx
+        assert torch.equal(h, expected), s
+        assert ctx.grid == (None if s.stream == "text" else (ROWS, COLS))
+
+
+def test_flux_identity_is_bit_identical_and_leaves_no_hooks(flux, flux_inputs):
+    before = run(flux, flux_inputs)
+    with attach(flux, {s: identity for s in available_sites(flux)}):
+        during = run(flux, flux_inputs)
+    assert_no_hooks(flux)
+    after = run(flux, flux_inputs)
+    assert torch.equal(before, during) and torch.equal(before, after)
+
+
+@pytest.mark.parametrize("stream, changed, unchanged", [("image", "hidden_states", "encoder_hidden_states"),
+                                                        ("text", "encoder_hidden_states", "hidden_states")])
+def test_flux_steer_changes_only_the_steered_stream(flux, flux_inputs, stream, changed, unchanged):
+    vector = torch.linspace(-1, 1, D_FLUX)
+    with ManualHooks(flux, ["transformer_blocks.1"]) as plain:
+        base = run(flux, flux_inputs)
+    with attach(flux, {site(flux, "double_blocks.0", stream): add(vector)}):
+        with ManualHooks(flux, ["transformer_blocks.1"]) as steered:
+            out = run(flux, flux_inputs)
+    assert not torch.equal(out, base)
+    next_plain, next_steered = plain.inputs["transformer_blocks.1"], steered.inputs["transformer_blocks.1"]
+    torch.testing.assert_close(next_steered[changed], next_plain[changed] + vector)
+    assert torch.equal(next_steered[unchanged], next_plain[unchanged])
+
+
+def test_flux_single_block_steer_reaches_the_next_blocks_image_tokens(flux, flux_inputs):
+    vector = torch.linspace(-1, 1, D_FLUX)
+    with ManualHooks(flux, ["single_transformer_blocks.1"]) as plain:
+        run(flux, flux_inputs)
+    with attach(flux, {site(flux, "single_blocks.0", "image"): add(vector)}):
+        with ManualHooks(flux, ["single_transformer_blocks.1"]) as steered:
+            run(flux, flux_inputs)
+    before, after = plain.inputs["single_transformer_blocks.1"], steered.inputs["single_transformer_blocks.1"]
+    torch.testing.assert_close(after["hidden_states"], before["hidden_states"] + vector)
+    assert torch.equal(after["encoder_hidden_states"], before["encoder_hidden_states"])
+
+
+def test_flux_update_edit_moves_the_block_output(flux, flux_inputs):
+    vector = torch.linspace(-1, 1, D_FLUX)
+    with ManualHooks(flux, ["transformer_blocks.1"]) as plain:
+        run(flux, flux_inputs)
+    with attach(flux, {site(flux, "double_blocks.1", "update"): add(vector)}):
+        with ManualHooks(flux, ["transformer_blocks.1"]) as steered:
+            run(flux, flux_inputs)
+    torch.testing.assert_close(steered.outputs["transformer_blocks.1"][1], plain.outputs["transformer_blocks.1"][1] + vector)
+    assert torch.equal(steered.outputs["transformer_blocks.1"][0], plain.outputs["transformer_blocks.1"][0])
+
+
+def test_flux_grid_comes_from_img_ids():
+    assert token_grid(grid_ids(ROWS, COLS), ROWS * COLS) == (ROWS, COLS)
+    assert token_grid(grid_ids(ROWS, COLS)[None], ROWS * COLS) == (ROWS, COLS)  # deprecated batch dimension
+    assert token_grid(grid_ids(ROWS, COLS).flip(0), ROWS * COLS) is None  # not row-major
+    assert token_grid(torch.cat([grid_ids(2, 2), grid_ids(2, 2)]), 8) is None  # e.g. appended reference tokens
+    assert token_grid(None, 4) is None
+
+
+# ---------------------------------------------------------------------------------------- U-Net: sites
+
+
+def test_unet_families_and_sites(sd15, sdxl):
+    def names(model):
+        return {(s.block, s.stream): s.extra["d"] for s in available_sites(model)}
+
+    assert {s.family for s in available_sites(sd15)} == {"sd15"}
+    assert {s.family for s in available_sites(sdxl)} == {"sdxl"}
+    assert names(sd15) == {
+        ("down_blocks.0", "residual"): 32, ("down_blocks.0.attentions.0", "update"): 32,
+        ("down_blocks.1", "residual"): 64, ("down_blocks.1.attentions.0", "update"): 64,
+        ("mid_block", "residual"): 64, ("mid_block", "update"): 64, ("mid_block.attentions.0", "update"): 64,
+        ("up_blocks.0", "residual"): 64, ("up_blocks.0.attentions.0", "update"): 64,
+        ("up_blocks.0.attentions.1", "update"): 64,
+        ("up_blocks.1", "residual"): 32, ("up_blocks.1.attentions.0", "update"): 32,
+        ("up_blocks.1.attentions.1", "update"): 32,
+    }
+    assert ("down_blocks.0.attentions.0", "update") not in names(sdxl)  # DownBlock2D has no attention
+    assert ("mid_block.attentions.0", "update") in names(sdxl)
+
+
+def test_unet_update_is_listed_exactly_where_a_block_keeps_its_shape(sd15, unet_inputs):
+    blocks = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    with ManualHooks(sd15, blocks) as manual:
+        run(sd15, unet_inputs)
+    listed = {s.block for s in available_sites(sd15) if s.stream == "update"}
+    for name in blocks:
+        output = manual.outputs[name]
+        output = output[0] if isinstance(output, tuple) else output
+        assert (name in listed) == (output.shape == hidden_input(manual.inputs[name]).shape), name
+
+
+def test_unet_capture_is_the_output_map_as_tokens(sd15, unet_inputs):
+    recorders = {s: Recorder() for s in available_sites(sd15)}
+    with ManualHooks(sd15, sorted({s.block for s in recorders})) as manual, attach(sd15, recorders):
+        run(sd15, unet_inputs)
+    for s, recorder in recorders.items():
+        output = manual.outputs[s.block]
+        output = output[0] if isinstance(output, tuple) else output
+        x = output - hidden_input(manual.inputs[s.block]) if s.stream == "update" else output
+        (h,), (ctx,) = recorder.h, recorder.ctx
+        height, width = x.shape[-2:]
+        assert h.shape == (B, height * width, s.extra["d"]) and ctx.grid == (height, width), s
+        assert torch.equal(h, x.flatten(2).transpose(1, 2)), s
+        assert torch.equal(h[:, 1 * width + 2], x[:, :, 1, 2]), s  # token r * W + c is position (r, c)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_unet_identity_is_bit_identical_and_leaves_no_hooks(name, request):
+    model = request.getfixturevalue(name)
+    inputs = request.getfixturevalue("unet_inputs" if name == "sd15" else "sdxl_inputs")
+    before = run(model, inputs)
+    with attach(model, {s: identity for s in available_sites(model)}):
+        during = run(model, inputs)
+    assert_no_hooks(model)
+    between = run(model, inputs)
+    with attach(model, {s: Recorder() for s in available_sites(model)}):
+        again = run(model, inputs)
+    assert_no_hooks(model)
+    after = run(model, inputs)
+    for out in (during, between, again, after):
+        assert torch.equal(before, out)
+
+
+def test_unet_down_block_steer_reaches_next_block_and_skip(sd15, unet_inputs):
+    """down_blocks.0's output feeds down_blocks.1 and, as a skip, up_blocks.0: both get the edit."""
+    vector = torch.linspace(-1, 1, 32)
+    names = ["down_blocks.1", "up_blocks.0", "up_blocks.1"]
+    with ManualHooks(sd15, names) as plain:
+        base = run(sd15, unet_inputs)
+    with attach(sd15, {site(sd15, "down_blocks.0", "residual"): add(vector)}):
+        with ManualHooks(sd15, names) as steered:
+            out = run(sd15, unet_inputs)
+    assert not torch.equal(out, base)
+    shift = vector.reshape(1, -1, 1, 1)
+    torch.testing.assert_close(steered.inputs["down_blocks.1"]["hidden_states"],
+                               plain.inputs["down_blocks.1"]["hidden_states"] + shift)
+    skips_plain, skips_steered = ([m.inputs[up]["res_hidden_states_tuple"] for up in ("up_blocks.0", "up_blocks.1")]
+                                  for m in (plain, steered))
+    # up_blocks.0 gets down_blocks.0's last skip (its output, after the downsampler) ...
+    torch.testing.assert_close(skips_steered[0][0], skips_plain[0][0] + shift)
+    # ... up_blocks.1 its first (before the downsampler): that one is not the block output, left alone
+    assert torch.equal(skips_steered[1][1], skips_plain[1][1])
+
+
+def test_unet_update_edit_adds_to_the_block_output(sd15, unet_inputs):
+    vector = torch.linspace(-1, 1, 64)
+    for block in ("mid_block", "mid_block.attentions.0"):
+        with ManualHooks(sd15, [block]) as plain:
+            run(sd15, unet_inputs)
+        with attach(sd15, {site(sd15, block, "update"): add(vector)}):
+            with ManualHooks(sd15, [block]) as steered:
+                run(sd15, unet_inputs)
+        output_plain, output_steered = plain.outputs[block], steered.outputs[block]
+        if block.endswith("attentions.0"):
+            output_plain, output_steered = output_plain[0], output_steered[0]
+        torch.testing.assert_close(output_steered, output_plain + vector.reshape(1, -1, 1, 1))
+
+
+# ------------------------------------------------------------------------------- errors and clean-up
+
+
+def test_unknown_site_lists_the_available_ones(flux, sd15):
+    with pytest.raises(DictionaryError, match=r"site double_blocks\.7:image not found in this flux model; "
+                                              r"available: double_blocks\.0:image, "):
+        with attach(flux, {Site("flux", "double_blocks.7", "image"): identity}):
+            pass
+    with pytest.raises(DictionaryError, match=r"not found in this sd15 model; available: .*mid_block:residual"):
+        with attach(sd15, {Site("sd15", "output_blocks.4", "residual"): identity}):
+            pass
+    with pytest.raises(DictionaryError, match="is for a sdxl model, but this is a sd15 model"):
+        with attach(sd15, {Site("sdxl", "mid_block", "residual"): identity}):
+            pass
+    assert_no_hooks(flux)
+    assert_no_hooks(sd15)
+
+
+def test_unsupported_model_class_names_the_supported_ones():
+    with pytest.raises(DictionaryError, match="unsupported model class Linear: supported are "
+                                              "FluxTransformer2DModel, UNet2DConditionModel"):
+        available_sites(torch.nn.Linear(2, 2))
+
+
+def test_exceptions_still_remove_the_hooks(flux, flux_inputs):
+    before = run(flux, flux_inputs)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attach(flux, {s: identity for s in available_sites(flux)}):
+            raise RuntimeError("boom")
+    assert_no_hooks(flux)
+
+    def broken(h, ctx):
+        raise RuntimeError("site function failed")
+
+    with pytest.raises(RuntimeError, match="site function failed"):
+        with attach(flux, {site(flux, "single_blocks.1", "image"): broken}):
+            run(flux, flux_inputs)
+    assert_no_hooks(flux)
+    assert torch.equal(run(flux, flux_inputs), before)
+
+
+def test_a_wrongly_shaped_result_is_refused(flux, flux_inputs):
+    with pytest.raises(DictionaryError, match=r"returned \(2, 12, 31\), expected \(2, 12, 32\)"):
+        with attach(flux, {site(flux, "double_blocks.0", "image"): lambda h, ctx: h[..., :-1]}):
+            run(flux, flux_inputs)
+    assert_no_hooks(flux)
+
+
+def test_site_functions_at_one_site_compose_in_order(flux, flux_inputs):
+    vector = torch.linspace(-1, 1, D_FLUX)
+    seen = Recorder()
+    first = site(flux, "double_blocks.0", "image")
+    second = Site("flux", "double_blocks.0", "image", timestep_window=(0.0, 0.5))  # windows: the function's job
+    with ManualHooks(flux, ["transformer_blocks.0"]) as plain:
+        run(flux, flux_inputs)
+    with attach(flux, {first: add(vector), second: seen}):
+        run(flux, flux_inputs)
+    torch.testing.assert_close(seen.h[0], plain.outputs["transformer_blocks.0"][1] + vector)
+
+
+# --------------------------------------------------------------------------------- context and timing
+
+
+def test_direct_calls_know_only_what_the_call_says(flux, flux_inputs, sd15, unet_inputs):
+    flux_seen, unet_seen = Recorder(), Recorder()
+    with attach(flux, {site(flux, "double_blocks.0", "image"): flux_seen}):
+        run(flux, flux_inputs)
+    with attach(sd15, {site(sd15, "mid_block", "residual"): unet_seen}):
+        run(sd15, unet_inputs)
+    flux_ctx, unet_ctx = flux_seen.ctx[0], unet_seen.ctx[0]
+    assert (flux_ctx.sigma, flux_ctx.progress, flux_ctx.cond) == (0.75, None, None)  # Flux's timestep is sigma
+    assert (unet_ctx.sigma, unet_ctx.progress, unet_ctx.cond, unet_ctx.grid) == (None, None, None, (4, 4))
+
+
+def test_a_plain_callable_can_provide_the_context(flux, flux_inputs):
+    seen = Recorder()
+    context = {"progress": 0.25, "cond": [False, True]}
+    with attach(flux, {site(flux, "double_blocks.0", "text"): seen}, context=lambda: context):
+        run(flux, flux_inputs)
+    ctx = seen.ctx[0]
+    assert (ctx.sigma, ctx.progress, ctx.cond.tolist(), ctx.grid) == (0.75, 0.25, [False, True], None)
+
+
+def test_sampling_state_maps_unet_timesteps_onto_the_schedule(sd15, unet_inputs):
+    scheduler = EulerDiscreteScheduler(steps_offset=1)
+    scheduler.set_timesteps(4)
+    state, seen = SamplingState(scheduler, guidance="batched"), Recorder()
+    inputs = dict(unet_inputs, timestep=scheduler.timesteps[2])
+    with attach(sd15, {site(sd15, "mid_block", "residual"): seen}, context=state):
+        run(sd15, inputs)
+    ctx = seen.ctx[0]
+    assert ctx.sigma == pytest.approx(float(scheduler.sigmas[2]), rel=1e-5)
+    assert ctx.progress == pytest.approx(2 / 3)
+    assert ctx.cond.tolist() == [False, True]  # [uncond, cond] halves
+
+
+def test_sampling_state_sequential_guidance_alternates_and_the_callback_advances(flux, flux_inputs):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    state, seen = SamplingState(scheduler, guidance="sequential"), Recorder()
+    pipe = SimpleNamespace(num_timesteps=4)
+    inputs = dict(flux_inputs, timestep=(scheduler.timesteps[1] / 1000).expand(B))
+    with attach(flux, {site(flux, "single_blocks.0", "image"): seen}, context=state):
+        run(flux, inputs)
+        run(flux, inputs)
+        assert state.on_step_end(pipe, 1, scheduler.timesteps[1], {"latents": 1}) == {"latents": 1}
+        run(flux, inputs)
+    assert [c.cond.tolist() for c in seen.ctx] == [[True, True], [False, False], [True, True]]
+    assert all(c.progress == pytest.approx(1 / 3) for c in seen.ctx)
+    assert seen.ctx[0].sigma == pytest.approx(float(scheduler.sigmas[1]), rel=1e-5)
+    assert (state.step, state.num_steps) == (2, 4)
+    state.on_step_end(pipe, 3, scheduler.timesteps[3], {})
+    assert state.step == 0  # a finished run leaves the state ready for the next one
+
+
+def test_sampling_state_refuses_guidance_that_contradicts_the_pipeline():
+    with pytest.raises(DictionaryError, match="use 'batched'"):
+        SamplingState(guidance="none").on_step_end(SimpleNamespace(num_timesteps=2, do_classifier_free_guidance=True), 0, 0, {})
+    with pytest.raises(DictionaryError, match="guidance must be one of"):
+        SamplingState(guidance="cfg")
+    with pytest.raises(DictionaryError, match=r"expects \[uncond, cond\] halves, but the model got 3 rows"):
+        SamplingState(guidance="batched").call_context(ModelCall(batch=3, timestep=None, sigma=None, grid=None))
+
+
+def test_stable_diffusion_pipeline_batches_uncond_then_cond(sd15):
+    """A real StableDiffusionPipeline run (prompt embeddings given, no text encoder or VAE needed)."""
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=sd15,
+                                   scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(4)
+    positive, negative = torch.randn(1, TEXT, 32, generator=gen), torch.randn(1, TEXT, 32, generator=gen)
+    state, seen, prompts = SamplingState(pipe.scheduler, guidance="batched"), Recorder(), []
+    record_prompts = sd15.register_forward_pre_hook(
+        lambda module, args, kwargs: prompts.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    try:
+        with attach(sd15, {site(sd15, "up_blocks.1", "residual"): seen}, context=state):
+            pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=3, guidance_scale=5.0,
+                 height=64, width=64, output_type="latent", callback_on_step_end=state.on_step_end)
+    finally:
+        record_prompts.remove()
+    assert_no_hooks(sd15)
+    assert [c.progress for c in seen.ctx] == [0.0, 0.5, 1.0]
+    for ctx, embeddings in zip(seen.ctx, prompts):
+        assert torch.equal(embeddings[ctx.cond], positive) and torch.equal(embeddings[~ctx.cond], negative)
+    assert [c.sigma for c in seen.ctx] == pytest.approx(pipe.scheduler.sigmas[:-1].tolist(), rel=1e-5)
+
+
+def test_flux_pipeline_true_cfg_calls_cond_then_uncond(flux):
+    """A real FluxPipeline run with true CFG: two transformer calls per step, the prompt's first."""
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=flux)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(5)
+    positive, negative = torch.randn(1, TEXT, 32, generator=gen), torch.randn(1, TEXT, 32, generator=gen)
+    state, seen, prompts = SamplingState(pipe.scheduler, guidance="sequential"), Recorder(), []
+    record_prompts = flux.register_forward_pre_hook(
+        lambda module, args, kwargs: prompts.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    try:
+        with attach(flux, {site(flux, "single_blocks.1", "image"): seen}, context=state):
+            pipe(prompt_embeds=positive, pooled_prompt_embeds=torch.randn(1, 32, generator=gen),
+                 negative_prompt_embeds=negative, negative_pooled_prompt_embeds=torch.randn(1, 32, generator=gen),
+                 true_cfg_scale=2.0, num_inference_steps=3, height=48, width=64, output_type="latent",
+                 callback_on_step_end=state.on_step_end)
+    finally:
+        record_prompts.remove()
+    assert_no_hooks(flux)
+    assert [c.progress for c in seen.ctx] == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    assert all(c.grid == (3, 4) for c in seen.ctx)  # 48x64 pixels -> 6x8 latent -> 3x4 packed tokens
+    for ctx, embeddings in zip(seen.ctx, prompts):
+        assert torch.equal(embeddings, positive if bool(ctx.cond.all()) else negative)
+    assert [bool(c.cond.all()) for c in seen.ctx] == [True, False] * 3
+
+
+def test_adapter_for_picks_the_family(flux, sd15, sdxl):
+    assert [adapter_for(m).family(m) for m in (flux, sd15, sdxl)] == ["flux", "sd15", "sdxl"]
