@@ -1,97 +1,185 @@
 """load_dictionary accepts every supported source and explains every failure."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_foreign_formats import write_saelens, write_sdlens, write_seed_itda, write_sparsify
 
-from sae_core import DictionaryError, SparseAutoencoder, load_dictionary, save_dictionary
-from sae_core.loading import check_site_width
+from sae_core.errors import DictionaryError
+from sae_core.fileformat import save_dictionary
+from sae_core.itda import ITDA
+from sae_core.loading import check_site_width, load_dictionary
+from sae_core.sae import SparseAutoencoder
+from sae_core.site import Site
 
 
-def native(tmp_path, name="d.safetensors"):
-    sae = SparseAutoencoder(8, 16, 2, seed=3)
-    save_dictionary(sae, tmp_path / name)
-    return sae, tmp_path / name
+def native(folder, name="d.safetensors", seed=3):
+    sae = SparseAutoencoder(8, 16, 2, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_dictionary(sae, folder / name)
+    return sae, folder / name
 
 
 def test_native_file_and_folder_with_one_native_file(tmp_path):
     sae, path = native(tmp_path)
     x = torch.randn(3, 8)
     torch.testing.assert_close(load_dictionary(path)(x), sae(x))
-    torch.testing.assert_close(load_dictionary(tmp_path)(x), sae(x))
+    torch.testing.assert_close(load_dictionary(str(tmp_path))(x), sae(x))
+
+
+def test_folder_with_several_native_files_asks_for_one(tmp_path):
+    native(tmp_path, "a.safetensors")
+    native(tmp_path, "b.safetensors")
+    with pytest.raises(DictionaryError, match="holds several dictionaries \\(a.safetensors, b.safetensors\\); pass one file"):
+        load_dictionary(tmp_path)
+    assert load_dictionary(tmp_path / "b.safetensors").n_latents == 16
+
+
+@pytest.mark.parametrize("write, picked_file, expected", [
+    (write_saelens, "sae_weights.safetensors", "topk"),
+    (write_sparsify, "sae.safetensors", "topk"),
+    (write_sdlens, "state_dict.pth", "topk"),
+    (write_seed_itda, "sae.safetensors", "itda"),
+])
+def test_each_layout_is_recognised_from_its_folder_or_one_of_its_files(tmp_path, write, picked_file, expected):
+    write(tmp_path / "dictionary")
+    for source in (tmp_path / "dictionary", tmp_path / "dictionary" / picked_file, tmp_path / "dictionary" / "cfg.json"):
+        if source.exists():
+            dictionary = load_dictionary(source)
+            assert dictionary.kind == expected and isinstance(dictionary, ITDA if expected == "itda" else SparseAutoencoder)
+            assert dictionary.site.extra["source"] in ("saelens", "sparsify", "sdlens", "seed-itda")
 
 
 def test_folder_with_unknown_files_lists_them(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(DictionaryError, match="no dictionary layout recognised among notes.txt, weights.bin"):
+    with pytest.raises(DictionaryError, match="no dictionary layout recognised among notes.txt, weights.bin; expected .*SAELens"):
+        load_dictionary(tmp_path)
+    (tmp_path / "block_3").mkdir()
+    with pytest.raises(DictionaryError, match="among block_3/, notes.txt, weights.bin; .*pass one of those"):
         load_dictionary(tmp_path)
 
 
 def test_bare_pickle_file_is_refused_with_the_accepted_layouts(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "sae.pt")
-    with pytest.raises(DictionaryError, match="bare .pt file is not a dictionary layout"):
+    with pytest.raises(DictionaryError, match="a lone .pt file is not a dictionary layout.*config.json \\+ state_dict.pth"):
         load_dictionary(tmp_path / "sae.pt")
 
 
+def test_foreign_safetensors_file_outside_a_known_layout_is_named(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DictionaryError, match="other.safetensors is a safetensors file but not a Diffusion SAE dictionary"):
+        load_dictionary(tmp_path / "other.safetensors")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_damaged_native_file(tmp_path, damage):
+@pytest.mark.parametrize("via_folder", [False, True])
+def test_damaged_native_file(tmp_path, damage, via_folder):
     _, path = native(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 50)
-    with pytest.raises(DictionaryError, match="truncated or not a valid safetensors file.*re-download or re-save"):
-        load_dictionary(path)
+    with pytest.raises(DictionaryError, match="d.safetensors is truncated or not a valid safetensors file.*re-download or re-save"):
+        load_dictionary(tmp_path if via_folder else path)
+
+
+def rewrite_header(sae, path, tensors=None, **config_changes):
+    tensors = tensors or {k: v.clone().contiguous() for k, v in sae.state_dict().items()}
+    meta = {"format": "diffusion-sae", "format_version": "1", "config": json.dumps({**sae.config(), **config_changes})}
+    save_file(tensors, str(path), metadata=meta)
 
 
 def test_nan_weights_in_a_file_are_named(tmp_path):
     sae, path = native(tmp_path)
     tensors = {k: v.clone().contiguous() for k, v in sae.state_dict().items()}
     tensors["W_enc"][0, 0] = float("nan")
-    meta = {"format": "diffusion-sae", "format_version": "1", "config": json.dumps(sae.config())}
-    save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(DictionaryError, match="tensor 'W_enc' contains NaN"):
+    rewrite_header(sae, path, tensors)
+    with pytest.raises(DictionaryError, match="d.safetensors: tensor 'W_enc' contains NaN"):
         load_dictionary(path)
 
 
-def test_missing_path(tmp_path):
-    with pytest.raises(DictionaryError, match="no such file or folder"):
+def test_unknown_kind_in_the_header_is_named(tmp_path):
+    sae, path = native(tmp_path)
+    rewrite_header(sae, path, kind="gated")
+    with pytest.raises(DictionaryError, match="unknown dictionary kind 'gated'; this version reads topk"):
+        load_dictionary(path)
+
+
+def test_missing_paths(tmp_path, monkeypatch):
+    with pytest.raises(DictionaryError, match="nope.safetensors: no such file or folder"):
         load_dictionary(tmp_path / "nope.safetensors")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DictionaryError, match="models/sae/x.safetensors: no such file or folder"):
+        load_dictionary("models/sae/x.safetensors")  # looks like owner/name/file, but it is a path
+    with pytest.raises(DictionaryError, match="owner/name: no such file or folder"):
+        load_dictionary(Path("owner/name"))  # a Path is never a Hub id
+    with pytest.raises(DictionaryError, match="no dictionary given"):
+        load_dictionary("  ")
 
 
-def fake_hub_cache(cache, repo, sub, make):
+# --- Hub ids, answered from a fake HF cache with HF_HUB_OFFLINE=1 -----------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_repo(cache, repo, sub, make):
+    """The cache layout huggingface_hub reads: refs/<branch> holds the commit, snapshots/<commit>/ the files."""
     folder = cache / f"models--{repo.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
     (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(commit)
-    target = folder / "snapshots" / commit / sub
+    (folder / "refs" / "main").write_text(COMMIT)
+    target = folder / "snapshots" / COMMIT / sub
     target.mkdir(parents=True)
     make(target)
 
 
-def offline_cache(monkeypatch, cache):
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty offline HF cache. huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE into
+    ``huggingface_hub.constants`` at import and consults those attributes at call time
+    (2.x: ``constants.is_offline_mode()``), so both the environment and the constants are set."""
     import huggingface_hub.constants as constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
-def test_hub_id_resolves_from_the_local_cache_when_offline(tmp_path, monkeypatch):
+def test_hub_id_resolves_from_the_local_cache_when_offline(hub_cache):
     sae = SparseAutoencoder(8, 16, 2, seed=5)
-    fake_hub_cache(tmp_path / "hub", "someone/flux-saes", "db18", lambda d: save_dictionary(sae, d / "sae.safetensors"))
-    offline_cache(monkeypatch, tmp_path / "hub")
+    fake_hub_repo(hub_cache, "someone/flux-saes", "db18", lambda d: save_dictionary(sae, d / "sae.safetensors"))
     x = torch.randn(2, 8)
     torch.testing.assert_close(load_dictionary("hf://someone/flux-saes/db18")(x), sae(x))
+    torch.testing.assert_close(load_dictionary("someone/flux-saes/db18@main")(x), sae(x))
+    torch.testing.assert_close(load_dictionary("someone/flux-saes/db18", revision=COMMIT)(x), sae(x))
+    torch.testing.assert_close(load_dictionary("hf://someone/flux-saes/db18/sae.safetensors")(x), sae(x))
 
 
-def test_hub_id_missing_offline_gives_the_fix(tmp_path, monkeypatch):
-    offline_cache(monkeypatch, tmp_path / "hub")
-    with pytest.raises(DictionaryError, match="could not fetch someone/absent/sub .*local HF cache.*local path"):
+def test_hub_subfolder_in_a_foreign_layout(hub_cache):
+    fake_hub_repo(hub_cache, "someone/sdxl-saes", "unet/mid_block", lambda d: write_saelens(d, "jumprelu"))
+    assert load_dictionary("hf://someone/sdxl-saes/unet/mid_block").kind == "jumprelu"
+
+
+def test_hub_id_missing_offline_gives_the_fix(hub_cache):
+    with pytest.raises(DictionaryError, match="could not fetch someone/absent/sub from the Hugging Face Hub .*HF_HUB_OFFLINE=1.*local HF cache.*local path"):
         load_dictionary("hf://someone/absent/sub")
 
 
+def test_hub_id_with_a_missing_subfolder_or_contradicting_revisions(hub_cache):
+    fake_hub_repo(hub_cache, "someone/flux-saes", "db18", lambda d: native(d))
+    with pytest.raises(DictionaryError, match="someone/flux-saes has no 'db19'; check the name"):
+        load_dictionary("hf://someone/flux-saes/db19")
+    with pytest.raises(DictionaryError, match="revision 'v2' contradicts the id's @main"):
+        load_dictionary("hf://someone/flux-saes/db18@main", revision="v2")
+
+
 def test_width_check_names_both_widths():
-    with pytest.raises(DictionaryError, match="d_in=8 but site flux:double_blocks.3:image has width 3072"):
-        check_site_width(SparseAutoencoder(8, 16, 2), 3072, "flux:double_blocks.3:image")
+    sae = SparseAutoencoder(8, 16, 2, site=Site(family="flux", block="double_blocks.3", stream="image"))
+    check_site_width(sae, 8, "flux:double_blocks.3:image")
+    with pytest.raises(DictionaryError, match="dictionary flux:double_blocks.3:image has d_in=8 but site flux:double_blocks.4:image has width 3072"):
+        check_site_width(sae, 3072, "flux:double_blocks.4:image")
