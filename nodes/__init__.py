@@ -2,5 +2,32 @@
 
 Node modules add their classes here: node id -> class, and node id -> display name.
 """
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .capture_nodes import SAECaptureActivations
+from .common import register_sae_folder
+from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
+from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
+from .steer_nodes import SAESteer
+
+try:
+    register_sae_folder()  # models/sae, for Load Dictionary's list
+except ModuleNotFoundError:  # imported outside ComfyUI (no folder_paths): nothing to register
+    pass
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "SAELoadDictionary": SAELoadDictionary,
+    "SAETrainDictionary": SAETrainDictionary,
+    "SAECaptureActivations": SAECaptureActivations,
+    "SAESteer": SAESteer,
+    "SAERecordFeatures": SAERecordFeatures,
+    "SAEFeatureHeatmap": SAEFeatureHeatmap,
+    "SAETopFeatures": SAETopFeatures,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "SAELoadDictionary": "Load Dictionary",
+    "SAETrainDictionary": "Train Dictionary",
+    "SAECaptureActivations": "Capture Activations",
+    "SAESteer": "Steer",
+    "SAERecordFeatures": "Record Features",
+    "SAEFeatureHeatmap": "Feature Heatmap",
+    "SAETopFeatures": "Top Features",
+}
