@@ -5,6 +5,7 @@ Node modules add their classes here: node id -> class, and node id -> display na
 from .capture_nodes import SAECaptureActivations
 from .common import register_sae_folder
 from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
+from .image_capture_nodes import SAECaptureFromImages
 from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
 from .steer_nodes import SAESteer
 
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SAELoadDictionary": SAELoadDictionary,
     "SAETrainDictionary": SAETrainDictionary,
     "SAECaptureActivations": SAECaptureActivations,
+    "SAECaptureFromImages": SAECaptureFromImages,
     "SAESteer": SAESteer,
     "SAERecordFeatures": SAERecordFeatures,
     "SAEFeatureHeatmap": SAEFeatureHeatmap,
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SAELoadDictionary": "Load Dictionary",
     "SAETrainDictionary": "Train Dictionary",
     "SAECaptureActivations": "Capture Activations",
+    "SAECaptureFromImages": "Capture Activations from Images",
     "SAESteer": "Steer",
     "SAERecordFeatures": "Record Features",
     "SAEFeatureHeatmap": "Feature Heatmap",

@@ -1,0 +1,201 @@
+"""Capture Activations from Images in real ComfyUI graphs: tiny SD1.5 U-Net + a tiny real VAE (TAESD).
+
+The VAE is ComfyUI's own ``comfy.sd.VAE`` built from a TAESD state dict with seeded random weights
+(TAESD is the smallest VAE ComfyUI constructs from a state dict alone): 64x64 images -> 8x8 latents.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from test_nodes_graph import _sae_core, comfy  # noqa: F401  (the module fixture with our plugin loaded)
+
+SITE = "middle_block:residual"  # tiny U-Net: 64 channels at 4x4
+SITE_WIDTH, SITE_TOKENS = 64, 16
+N_IMAGES = 3
+SIGMA = 0.155
+
+
+class SAETestTinySD15:
+    _cache: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+
+    def load(self, seed):
+        from tiny_comfy_models import tiny_sd15_patcher
+
+        if seed not in self._cache:
+            self._cache[seed] = tiny_sd15_patcher(seed)
+        return (self._cache[seed],)
+
+
+def tiny_vae(seed: int = 0):
+    import comfy.sd
+    import comfy.taesd.taesd
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in comfy.taesd.taesd.TAESD(latent_channels=4).state_dict().items():
+        if key == "vae_scale":
+            sd[key] = torch.ones_like(value)
+        elif key == "vae_shift":
+            sd[key] = torch.zeros_like(value)
+        elif value.is_floating_point():
+            sd[key] = torch.randn(value.shape, generator=g) * 0.05
+        else:
+            sd[key] = value
+    return comfy.sd.VAE(sd=sd)
+
+
+class SAETestTinyVAE:
+    _cache: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+
+    def load(self, seed):
+        if seed not in self._cache:
+            self._cache[seed] = tiny_vae(seed)
+        return (self._cache[seed],)
+
+
+class SAETestImagesAndEmptyPrompt:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"batch": ("INT", {"default": N_IMAGES, "min": 1, "max": 8})}}
+
+    RETURN_TYPES = ("IMAGE", "CONDITIONING")
+    FUNCTION = "make"
+    CATEGORY = "_for_testing"
+
+    def make(self, batch):
+        import torch
+
+        from tiny_comfy_models import SD15_TEXT_WIDTH
+
+        g = torch.Generator().manual_seed(7)
+        images = torch.rand(batch, 64, 64, 4, generator=g)  # an alpha channel, dropped by the node
+        return (images, [[torch.randn(1, 8, SD15_TEXT_WIDTH, generator=g), {}]])
+
+
+TEST_NODES = {cls.__name__: cls for cls in (SAETestTinySD15, SAETestTinyVAE, SAETestImagesAndEmptyPrompt)}
+
+
+@pytest.fixture(scope="module")
+def image_comfy(comfy):  # noqa: F811
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+    return comfy
+
+
+def capture_graph(folder: str, pool: str = "mean", seed: int = 0, site: str = SITE) -> dict:
+    return {
+        "1": {"class_type": "SAETestTinySD15", "inputs": {"seed": 0}},
+        "2": {"class_type": "SAETestTinyVAE", "inputs": {"seed": 0}},
+        "3": {"class_type": "SAETestImagesAndEmptyPrompt", "inputs": {"batch": N_IMAGES}},
+        "4": {"class_type": "SAECaptureFromImages", "inputs": {
+            "model": ["1", 0], "vae": ["2", 0], "images": ["3", 0], "positive": ["3", 1], "site": site,
+            "sigma": SIGMA, "pool": pool, "folder": folder, "seed": seed}},
+    }
+
+
+def shard_rows(image_comfy, folder: Path) -> dict:
+    """All rows of a capture folder, in order: activations, sample_id, token, timestep."""
+    import torch
+    from safetensors.torch import load_file
+
+    rows: dict = {}
+    for path in sorted(Path(folder).glob("shard_*.safetensors")):
+        for key, value in load_file(str(path)).items():
+            rows.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in rows.items()}
+
+
+def run_capture(image_comfy, name: str, **kw) -> tuple[dict, Path]:
+    import folder_paths
+
+    history = image_comfy.execute_graph(capture_graph(f"sae_activations/{name}", **kw))
+    folder = Path(folder_paths.get_output_directory()) / "sae_activations" / name
+    return history, folder
+
+
+def test_pooled_capture_writes_one_vector_per_image_with_provenance(image_comfy):
+    history, folder = run_capture(image_comfy, "img_pooled")
+    reader = _sae_core(image_comfy).ShardReader(folder, batch_size=1, shuffle=False)
+    assert reader.n_tokens == N_IMAGES and reader.d == SITE_WIDTH
+    assert reader.site.block == "middle_block" and reader.site.stream == "residual"
+    rows = shard_rows(image_comfy, folder)
+    assert rows["sample_id"].tolist() == list(range(N_IMAGES))
+    assert rows["token"].tolist() == [-1] * N_IMAGES
+    assert rows["timestep"].float().allclose(rows["timestep"].new_full((N_IMAGES,), SIGMA).float())
+    assert rows["activations"].float().abs().sum() > 0
+    assert "3 image(s)" in history["outputs"]["4"]["text"][0]
+
+
+def test_unpooled_capture_writes_every_token_of_every_image(image_comfy):
+    _, folder = run_capture(image_comfy, "img_tokens", pool="none")
+    rows = shard_rows(image_comfy, folder)
+    assert rows["activations"].shape == (N_IMAGES * SITE_TOKENS, SITE_WIDTH)
+    assert rows["sample_id"].tolist() == [i for i in range(N_IMAGES) for _ in range(SITE_TOKENS)]
+    assert rows["token"].tolist() == list(range(SITE_TOKENS)) * N_IMAGES
+    # pooling the tokens gives the pooled capture's vectors
+    _, pooled_folder = run_capture(image_comfy, "img_pooled_again")
+    pooled = shard_rows(image_comfy, pooled_folder)["activations"].float()
+    tokens = rows["activations"].float().reshape(N_IMAGES, SITE_TOKENS, SITE_WIDTH).mean(1)
+    assert tokens.allclose(pooled, atol=1e-5)
+
+
+def test_same_seed_same_vectors_other_seed_other_vectors(image_comfy):
+    _, a = run_capture(image_comfy, "img_seed_a", seed=5)
+    _, b = run_capture(image_comfy, "img_seed_b", seed=5)
+    _, c = run_capture(image_comfy, "img_seed_c", seed=6)
+    va, vb, vc = (shard_rows(image_comfy, f)["activations"] for f in (a, b, c))
+    assert va.equal(vb)
+    assert not va.equal(vc)
+
+
+def test_the_model_given_is_not_modified(image_comfy):
+    import torch
+
+    from tiny_comfy_models import random_conditioning, random_latent, sample
+
+    model = SAETestTinySD15._cache.get(0) or SAETestTinySD15().load(0)[0]
+    positive, negative = random_conditioning(model, seed=1)
+    before = sample(model, seed=3, positive=positive, negative=negative, latent=random_latent(seed=2), cfg=2.0)
+    import nodes
+
+    node = nodes.NODE_CLASS_MAPPINGS["SAECaptureFromImages"]()
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        node.capture(model, tiny_vae(0), images, SITE, SIGMA, "mean", "sae_activations/img_untouched", 0,
+                     positive=positive)
+    after = sample(model, seed=3, positive=positive, negative=negative, latent=random_latent(seed=2), cfg=2.0)
+    assert hashlib.sha256(before.numpy().tobytes()).digest() == hashlib.sha256(after.numpy().tobytes()).digest()
+    assert not model.object_patches and "patches" not in model.model_options.get("transformer_options", {})
+
+
+def test_unknown_site_and_bad_folder_are_node_errors(image_comfy):
+    import json
+
+    with pytest.raises(image_comfy.GraphError) as raised:
+        image_comfy.execute_graph(capture_graph("sae_activations/img_bad_site", site="middle_block:nope"))
+    message = json.dumps(raised.value.details) + str(raised.value)
+    assert "unknown site 'middle_block:nope'" in message and SITE in message
+    with pytest.raises(image_comfy.GraphError) as raised:
+        image_comfy.execute_graph(capture_graph("../outside"))
+    assert "inside ComfyUI's output folder" in json.dumps(raised.value.details) + str(raised.value)
