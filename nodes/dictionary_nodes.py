@@ -80,21 +80,29 @@ class SAETrainDictionary:
 
         if capture is None and not shards_folder.strip():
             raise DictionaryError("no activations to train on: connect a capture or give a shards folder")
-        folder = capture.directory if capture is not None else \
-            os.path.join(folder_paths.get_output_directory(), os.path.expanduser(shards_folder.strip()))
         if not re.fullmatch(r"[\w.-]+", name):
             raise DictionaryError(f"dictionary name {name!r}: use letters, digits, '.', '-' and '_' only")
-        probe = ShardReader(folder, batch_size=1, shuffle=False)
-        reader = ShardReader(folder, batch_size=min(batch_size, probe.n_tokens), shuffle=True)
+        if capture is not None and capture.buffer is not None:
+            data = capture.buffer.tensors()["activations"].float()
+            if not len(data):
+                raise DictionaryError("the memory capture is empty: connect the sampler's LATENT to 'after' so it runs first")
+            site, batch = capture.site, min(batch_size, len(data))
+        else:
+            folder = capture.directory if capture is not None else \
+                os.path.join(folder_paths.get_output_directory(), os.path.expanduser(shards_folder.strip()))
+            probe = ShardReader(folder, batch_size=1, shuffle=False)
+            data = ShardReader(folder, batch_size=min(batch_size, probe.n_tokens), shuffle=True)
+            site, batch = data.site, data.batch_size
         device = str(comfy.model_management.get_torch_device())
         config = TrainConfig(kind=kind, k=k, expansion_factor=expansion, total_steps=steps, lr=lr or None,
-                             batch_size=reader.batch_size, log_every=max(1, steps // 100), device=device,
+                             batch_size=batch, log_every=max(1, steps // 100), device=device,
                              warmup_steps=min(100, steps // 10), checkpoint_every=steps + 1)
         bar = comfy.utils.ProgressBar(steps)
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-            result = train_dictionary(reader, config, site=reader.site,
+            result = train_dictionary(data, config, site=site,
                                       progress=lambda step, total, metrics: bar.update_absolute(step, total))
         sae = result.dictionary.cpu()
         save_dictionary(sae, os.path.join(sae_save_dir(), f"{name}.safetensors"))
-        chart = line_chart({"fvu": [(m["step"], m["fvu"]) for m in result.history]}, f"{name}: training loss")
+        loss = "relative_loss" if kind == "itda" else "fvu"  # ITDA reports each input's relative error
+        chart = line_chart({loss: [(m["step"], m[loss]) for m in result.history]}, f"{name}: training loss")
         return (sae, pil_to_image(chart))

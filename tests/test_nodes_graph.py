@@ -197,6 +197,35 @@ def test_train_node_saves_a_dictionary_in_models_sae_and_previews_its_loss(comfy
     assert history["outputs"]["12"]["images"]  # the loss curve went through PreviewImage
 
 
+def memory_capture_graph(max_vectors: int, kind: str = "itda", run: int = 0) -> dict:
+    graph = sampling_graph(model_link=("10", 0), run=run)
+    graph.update({
+        "10": {"class_type": "SAECaptureActivations", "inputs": {
+            "model": ["1", 0], "site": SITE, "window_start": 0.0, "window_end": 1.0, "token_fraction": 1.0,
+            "cond_only": True, "folder": "", "dtype": "float32", "destination": "memory", "max_vectors": max_vectors}},
+        "11": {"class_type": "SAETrainDictionary", "inputs": {
+            "capture": ["10", 1], "after": ["3", 0], "kind": kind, "k": 4, "expansion": 2, "steps": 3,
+            "lr": 0.001, "batch_size": 16, "name": f"tiny_memory_{kind}"}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 1]}},
+    })
+    return graph
+
+
+def test_memory_capture_trains_an_itda_dictionary_without_writing_shards(comfy):
+    import folder_paths
+
+    before = sorted(Path(folder_paths.get_output_directory()).rglob("*.safetensors"))
+    comfy.execute_graph(memory_capture_graph(max_vectors=10_000))
+    header = _sae_core(comfy).read_header(comfy.sae_dir / "tiny_memory_itda.safetensors")
+    assert header["kind"] == "itda" and header["n_latents"] > 0
+    assert sorted(Path(folder_paths.get_output_directory()).rglob("*.safetensors")) == before
+
+
+def test_a_full_memory_capture_is_a_clear_error(comfy):
+    message = _node_error(comfy, memory_capture_graph(max_vectors=10, run=1))
+    assert "capture buffer is full at" in message
+
+
 def test_load_dictionary_describes_the_file(comfy, captured):
     import nodes
 
