@@ -100,6 +100,14 @@ def window(start: float, end: float) -> Optional[tuple[float, float]]:
     return None if (start <= 0.0 and end >= 1.0) else (float(start), float(end))
 
 
+SIGMA_MAX = 1e4  # the widget's top value: "no upper bound"
+
+
+def sigma_range(low: float, high: float) -> Optional[tuple[float, float]]:
+    """The widgets' sigma bounds as a gate, or None when they leave every sigma in."""
+    return None if (low <= 0.0 and high >= SIGMA_MAX) else (float(low), float(high))
+
+
 def describe(dictionary) -> str:
     return (f"{dictionary.kind} dictionary: d_in={dictionary.d_in}, n_latents={dictionary.n_latents}, "
             f"k={dictionary.k}, site={dictionary.site}")

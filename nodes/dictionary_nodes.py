@@ -66,8 +66,8 @@ class SAETrainDictionary:
             },
         }
 
-    RETURN_TYPES = (DICTIONARY, "IMAGE")
-    RETURN_NAMES = ("dictionary", "loss_curve")
+    RETURN_TYPES = (DICTIONARY, "IMAGE", "STRING")
+    RETURN_NAMES = ("dictionary", "loss_curve", "summary")
     FUNCTION = "train"
     CATEGORY = f"{CATEGORY}/dictionary"
     OUTPUT_NODE = True
@@ -105,4 +105,8 @@ class SAETrainDictionary:
         save_dictionary(sae, os.path.join(sae_save_dir(), f"{name}.safetensors"))
         loss = "relative_loss" if kind == "itda" else "fvu"  # ITDA reports each input's relative error
         chart = line_chart({loss: [(m["step"], m[loss]) for m in result.history]}, f"{name}: training loss")
-        return (sae, pil_to_image(chart))
+        final = result.history[-1] if result.history else {}
+        summary = (f"{describe(sae)}; trained on {len(data) if torch.is_tensor(data) else data.n_tokens} captured vectors, "
+                   f"{final.get('step', 0)} steps, final {loss} {final.get(loss, float('nan')):.4f}, "
+                   f"{result.rejected_batches} batches with NaN/inf rejected; saved as {name}.safetensors")
+        return {"ui": {"text": [summary]}, "result": (sae, pil_to_image(chart), summary)}

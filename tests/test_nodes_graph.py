@@ -255,6 +255,29 @@ def test_steer_nodes_chain(comfy, captured):
     assert chained != single
 
 
+def test_a_sigma_range_outside_the_schedule_leaves_sampling_untouched(comfy, captured):
+    plain = latent_sha(comfy.execute_graph(sampling_graph(run=7)))
+    graph = steered_graph("tiny_db0.safetensors", 1.0, run=8)
+    graph["11"]["inputs"].update(sigma_min=50.0, sigma_max=60.0)  # the schedule's sigmas are all <= 1
+    assert latent_sha(comfy.execute_graph(graph)) == plain
+    graph = steered_graph("tiny_db0.safetensors", 1.0, run=9)
+    graph["11"]["inputs"].update(sigma_min=0.0, sigma_max=1.0)
+    assert latent_sha(comfy.execute_graph(graph)) != plain
+
+
+def test_subtracting_from_the_uncond_half_is_a_different_steer(comfy, captured):
+    cond_only = latent_sha(comfy.execute_graph(steered_graph("tiny_db0.safetensors", 1.0, run=10)))
+    graph = steered_graph("tiny_db0.safetensors", 1.0, run=11)
+    graph["11"]["inputs"]["subtract_uncond"] = True
+    assert latent_sha(comfy.execute_graph(graph)) != cond_only
+
+
+def test_train_node_reports_how_many_vectors_it_trained_on(comfy, captured):
+    history, _ = captured
+    summary = history["outputs"]["11"]["text"][0]
+    assert "trained on 24 captured vectors" in summary and "tiny_db0.safetensors" in summary
+
+
 @pytest.fixture(scope="module")
 def narrow_dictionary(comfy):
     """A dictionary of width 32, wrong for the tiny Flux (64)."""
