@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import statistics
-import time
 
 import torch
 
+from bench.timing import device_name, timed, write_rows
 from sae_core import Site, SparseAutoencoder, Steer, steer_function
 from sae_core.intervention import SiteContext
 
@@ -30,21 +28,6 @@ SMALL = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, at
              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
              axes_dims_rope=(4, 6, 6))
 
-
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -106,15 +89,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             with attach(model, {site: fn}) if fn is not None else contextlib.nullcontext():
                 rows.append({"name": name, "seconds": timed(step, device, args.warmup, args.iters)})
     base = rows[0]["seconds"]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"Flux step ({'small' if args.small else 'full-size'}, {n_img}+{text} tokens, {args.dtype}) on {device_name}; site {site}")
+    print(f"Flux step ({'small' if args.small else 'full-size'}, {n_img}+{text} tokens, {args.dtype}) on {device_name(device)}; site {site}")
     print(f"{'':<36} {'ms/step':>9} {'overhead':>9}")
     for row in rows:
         row["overhead"] = row["seconds"] / base - 1
         print(f"{row['name']:<36} {row['seconds'] * 1e3:>9.2f} {100 * row['overhead']:>8.1f}%")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args) | {"device_name": device_name}, "rows": rows}, f, indent=2)
+    write_rows(args.json, args, rows, device)
     return rows
 
 

@@ -16,36 +16,15 @@ Rows, all measured in one process on the same batch:
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.timing import device_name, timed, write_rows
 from sae_core.kernels import fused_topk_encode, sparse_decode
 from sae_core.sae import SparseAutoencoder
 
-
-def timed(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def ours(sae: SparseAutoencoder, x: torch.Tensor, k_aux: int, dtype: torch.dtype) -> Callable[[], None]:
@@ -143,8 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peer = sparsify_step(args.d, args.n, args.k, x, dtype)
     rows.append({"name": "eai-sparsify", **({"seconds": timed(peer, device, args.warmup, args.iters)} if callable(peer) else {"note": peer})})
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"SAE training step, d={args.d} n={args.n} k={args.k} tokens={args.tokens} {args.dtype} on {device_name}")
+    print(f"SAE training step, d={args.d} n={args.n} k={args.k} tokens={args.tokens} {args.dtype} on {device_name(device)}")
     print(f"{'':<14} {'ms/step':>9} {'Mtok/s':>8} {'% of floor':>11}")
     for row in rows:
         if "seconds" in row:
@@ -153,9 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{row['name']:<14} {row['seconds'] * 1e3:>9.3f} {row['tokens_per_s'] / 1e6:>8.3f} {100 * row['fraction_of_floor']:>10.1f}%")
         else:
             print(f"{row['name']:<14} {row['note']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args) | {"device_name": device_name}, "rows": rows}, f, indent=2)
+    write_rows(args.json, args, rows, device)
     return rows
 
 

@@ -50,10 +50,6 @@ def sae_save_dir() -> str:
     return path
 
 
-def site_name(site: Site) -> str:
-    return f"{site.block}:{site.stream}"
-
-
 def resolve_site(model, name: str):
     """``(adapter, site, width)`` for a site name on this MODEL; DictionaryError names the valid ones."""
     from .adapters import adapter_for
@@ -62,10 +58,10 @@ def resolve_site(model, name: str):
     sites = adapter.available_sites(model)
     wanted = name.strip()
     for site in sites:
-        if site_name(site) == wanted or str(site) == wanted:
+        if site.name == wanted or str(site) == wanted:
             return adapter, site, site_width(adapter, model, site)
     raise DictionaryError(f"unknown site {wanted!r} for this model; available sites: "
-                          + ", ".join(site_name(s) for s in sites))
+                          + ", ".join(s.name for s in sites))
 
 
 def site_width(adapter, model, site: Site) -> int:

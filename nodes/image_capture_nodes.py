@@ -27,7 +27,7 @@ import torch
 
 from ..sae_core import DictionaryError, ShardWriter
 from ..sae_core.intervention import SiteContext
-from .common import CATEGORY, SITE_HELP, resolve_site, site_name
+from .common import CATEGORY, SITE_HELP, resolve_site
 
 POOLS = ("mean", "none")
 
@@ -139,7 +139,7 @@ class SAECaptureFromImages:
                 comfy.sample.sample_custom(patched, noise[i:i + 1], 1.0, sampler, sigmas, positive, positive,
                                            latents[i:i + 1], disable_pbar=True, seed=int(seed))
                 if recorder.taken is None:
-                    raise DictionaryError(f"site {site_name(where)} did not run during the model pass")
+                    raise DictionaryError(f"site {where.name} did not run during the model pass")
                 acts = recorder.taken[:1]  # (1, tokens, d): the positive row
                 n = acts.shape[1]
                 token = torch.full((1, n), -1, dtype=torch.long) if pool == "mean" else torch.arange(n)[None]
@@ -149,5 +149,5 @@ class SAECaptureFromImages:
             writer.close()
         per_image = "1 pooled vector" if pool == "mean" else f"{n} tokens"
         summary = (f"captured {latents.shape[0]} image(s) x {per_image} of width {width} at "
-                   f"{site_name(where)}, sigma={float(sigma):g}, into {directory} ({writer.n_tokens} vectors in all)")
+                   f"{where.name}, sigma={float(sigma):g}, into {directory} ({writer.n_tokens} vectors in all)")
         return {"ui": {"text": [summary]}, "result": (summary, str(directory))}

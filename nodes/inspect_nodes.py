@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from ..sae_core import DictionaryError, check_site_width
 from ..sae_core.intervention import SiteContext
 from ..sae_core.timesteps import in_window
-from .common import CATEGORY, DICTIONARY, RECORDING, SITE_HELP, pil_to_image, resolve_site, site_name, window
+from .common import CATEGORY, DICTIONARY, RECORDING, SITE_HELP, pil_to_image, resolve_site, window
 
 
 class Recording:
@@ -74,7 +74,7 @@ class SAERecordFeatures:
 
     def patch(self, model, dictionary, site, window_start, window_end):
         adapter, where, width = resolve_site(model, site)
-        check_site_width(dictionary, width, site_name(where))
+        check_site_width(dictionary, width, where.name)
         recording = Recording(dictionary, window(window_start, window_end))
 
         def record(h, ctx):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..sae_core import Steer, check_site_width, steer_function
 from ..sae_core.steering import MODES, UNITS
-from .common import CATEGORY, DICTIONARY, SIGMA_MAX, SITE_HELP, mask_2d, parse_features, resolve_site, site_name, sigma_range, window
+from .common import CATEGORY, DICTIONARY, SIGMA_MAX, SITE_HELP, mask_2d, parse_features, resolve_site, sigma_range, window
 
 
 class SAESteer:
@@ -40,7 +40,7 @@ class SAESteer:
     def patch(self, model, dictionary, site, mode, features, strength, units, window_start, window_end,
               cond_only, mask=None, subtract_uncond=False, sigma_min=0.0, sigma_max=SIGMA_MAX):
         adapter, where, width = resolve_site(model, site)
-        check_site_width(dictionary, width, site_name(where))
+        check_site_width(dictionary, width, where.name)
         steer = Steer(parse_features(features), strength, mode=mode, units=units,
                       window=window(window_start, window_end), sigma_range=sigma_range(sigma_min, sigma_max),
                       cond_only=cond_only, subtract_uncond=subtract_uncond, mask=mask_2d(mask))

@@ -43,8 +43,18 @@ class Site:
             extra=dict(data.get("extra") or {}),
         )
 
+    @property
+    def name(self) -> str:
+        """``block:stream``, the form nodes and error messages use."""
+        return f"{self.block}:{self.stream}"
+
     def __str__(self) -> str:
         when = ""
         if self.timestep_window is not None:
             when = f" @ t in [{self.timestep_window[0]:g}, {self.timestep_window[1]:g}]"
         return f"{self.family}:{self.block}:{self.stream}{when}"
+
+
+def find_site(sites: list[Site], wanted: Site) -> Site | None:
+    """The entry of ``sites`` (a model's own) with ``wanted``'s block and stream, if any."""
+    return next((own for own in sites if (own.block, own.stream) == (wanted.block, wanted.stream)), None)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_comfy_models import model_node, tiny_sd15_patcher
+
 from test_nodes_graph import _sae_core, comfy  # noqa: F401  (the module fixture with our plugin loaded)
 
 SITE = "middle_block:residual"  # tiny U-Net: 64 channels at 4x4
@@ -18,23 +20,7 @@ N_IMAGES = 3
 SIGMA = 0.155
 
 
-class SAETestTinySD15:
-    _cache: dict = {}
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "load"
-    CATEGORY = "_for_testing"
-
-    def load(self, seed):
-        from tiny_comfy_models import tiny_sd15_patcher
-
-        if seed not in self._cache:
-            self._cache[seed] = tiny_sd15_patcher(seed)
-        return (self._cache[seed],)
+SAETestTinySD15 = model_node("SAETestTinySD15", tiny_sd15_patcher)
 
 
 def tiny_vae(seed: int = 0):
@@ -174,7 +160,7 @@ def test_the_model_given_is_not_modified(image_comfy):
 
     from tiny_comfy_models import random_conditioning, random_latent, sample
 
-    model = SAETestTinySD15._cache.get(0) or SAETestTinySD15().load(0)[0]
+    model = SAETestTinySD15().load(0)[0]  # the instance the graph used (built once per seed)
     positive, negative = random_conditioning(model, seed=1)
     before = sample(model, seed=3, positive=positive, negative=negative, latent=random_latent(seed=2), cfg=2.0)
     import nodes

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_comfy_models import model_node, tiny_flux_patcher
+
 REPO = Path(__file__).resolve().parents[1]
 SITE = "double_blocks.0:image"
 LATENT_SIZE = 8  # 8x8 latent -> 4x4 = 16 image tokens (patch size 2)
@@ -21,23 +23,7 @@ STEPS = 3
 # ----------------------------------------------------------------------------- test-only nodes
 
 
-class SAETestTinyFlux:
-    _cache: dict = {}
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "load"
-    CATEGORY = "_for_testing"
-
-    def load(self, seed):
-        from tiny_comfy_models import tiny_flux_patcher
-
-        if seed not in self._cache:
-            self._cache[seed] = tiny_flux_patcher(seed)
-        return (self._cache[seed],)
+SAETestTinyFlux = model_node("SAETestTinyFlux", tiny_flux_patcher)
 
 
 class SAETestTinyInputs:

@@ -19,7 +19,7 @@ ComfyUI is imported inside the functions only: import this module freely, call i
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -175,3 +175,18 @@ def sample(patcher, seed: int = 0, steps: int = 3, cfg: float = 1.0, positive=No
     with torch.no_grad():
         return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                    denoise=denoise, disable_pbar=True, seed=seed)
+
+
+def model_node(name: str, builder: Callable[[int], Any]) -> type:
+    """A test-only ComfyUI node class ``name`` returning ``builder(seed)``, built once per seed."""
+    cache: dict[int, Any] = {}
+
+    def load(self, seed: int):
+        if seed not in cache:
+            cache[seed] = builder(seed)
+        return (cache[seed],)
+
+    return type(name, (), {
+        "INPUT_TYPES": classmethod(lambda cls: {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}),
+        "RETURN_TYPES": ("MODEL",), "FUNCTION": "load", "CATEGORY": "_for_testing", "load": load,
+    })

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import SUPPORTED, ComfyAdapter, diffusion_model, site_name, unsupported
+from .common import SUPPORTED, ComfyAdapter, diffusion_model, unsupported
 from .comfy_flux import FluxAdapter, is_flux2
 from .comfy_unet import REVELIO_BLOCKS, UNetAdapter, is_unet, revelio_site
 
@@ -47,4 +47,4 @@ def adapter_for(model_patcher: Any) -> ComfyAdapter:
 
 
 __all__ = ["ADAPTERS", "REVELIO_BLOCKS", "SUPPORTED", "ComfyAdapter", "FluxAdapter", "UNetAdapter", "adapter_for",
-           "revelio_site", "site_name"]
+           "revelio_site"]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...sae_core.errors import DictionaryError
 from ...sae_core.intervention import SiteContext, SiteFunction
-from ...sae_core.site import Site
+from ...sae_core.site import Site, find_site
 from ...sae_core.timesteps import schedule_progress
 
 PATCH_KEY = "diffusion_sae"
@@ -44,10 +44,6 @@ def diffusion_model(model_patcher: Any) -> torch.nn.Module:
         raise DictionaryError(f"expected a ComfyUI MODEL (a ModelPatcher), got {type(model_patcher).__name__}; "
                               f"supported: {SUPPORTED}")
     return net
-
-
-def site_name(site: Site) -> str:
-    return f"{site.block}:{site.stream}"
 
 
 def first_float(value: Any) -> Optional[float]:
@@ -147,11 +143,11 @@ class ComfyAdapter:
             raise DictionaryError(f"site {site} is for a {site.family} model, but this MODEL is {family}; "
                                   "use a dictionary trained on this model family")
         sites = self.available_sites(model_patcher)
-        for own in sites:
-            if (own.block, own.stream) == (site.block, site.stream):
-                return own
-        raise DictionaryError(f"unknown site {site_name(site)} for this {family} model; available sites: "
-                              + ", ".join(site_name(s) for s in sites))
+        own = find_site(sites, site)
+        if own is None:
+            raise DictionaryError(f"unknown site {site.name} for this {family} model; available sites: "
+                                  + ", ".join(s.name for s in sites))
+        return own
 
     def site_width(self, model_patcher: Any, site: Site) -> int:
         """Width ``d`` of the tokens at ``site``."""

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sae_core.errors import DictionaryError
 from sae_core.intervention import SiteContext, SiteFunction
-from sae_core.site import Site
+from sae_core.site import Site, find_site
 
 HOOK_PREFIX = "diffusion_sae"
 
@@ -204,10 +204,6 @@ class _SiteHook:
         return tap.replace(output, out + (new_x - x) if tap.update else new_x)
 
 
-def _site_name(site: Site) -> str:
-    return f"{site.block}:{site.stream}"
-
-
 class Adapter(ABC):
     """One model family's sites in diffusers, behind one interface."""
 
@@ -240,11 +236,11 @@ class Adapter(ABC):
         if site.family not in (family, "unknown"):
             raise DictionaryError(f"site {site} is for a {site.family} model, but this is a {family} model")
         sites = self.available_sites(model)
-        for own in sites:
-            if (own.block, own.stream) == (site.block, site.stream):
-                return own
-        raise DictionaryError(f"site {_site_name(site)} not found in this {family} model; available: "
-                              + ", ".join(_site_name(s) for s in sites))
+        own = find_site(sites, site)
+        if own is None:
+            raise DictionaryError(f"site {site.name} not found in this {family} model; available: "
+                                  + ", ".join(s.name for s in sites))
+        return own
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module, site_functions: Mapping[Site, SiteFunction], *,
@@ -265,7 +261,7 @@ class Adapter(ABC):
             for n, (site, fn) in enumerate(plan):
                 tap = self.tap(model, site)
                 hook = _SiteHook(site, tap, fn, attachment)
-                attachment.add(f"{HOOK_PREFIX}:{n}:{_site_name(site)}",
+                attachment.add(f"{HOOK_PREFIX}:{n}:{site.name}",
                                tap.module.register_forward_hook(hook, with_kwargs=True))
             yield
         finally:
