@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_NAME = "diffusion_sae"  # the folder name ComfyUI sees in custom_nodes/
 SERVER_START_TIMEOUT_S = 60.0
 
-_state: dict = {}  # comfy_dir, base_dir, nodes_loaded, builtin_import_failures, torchvision_*
+_state: dict = {}  # comfy_dir, base_dir, nodes_loaded, builtin_import_failures
 
 
 class ComfyUINotFound(RuntimeError):
@@ -69,38 +69,10 @@ def find_comfyui_dir() -> Path:
 
 
 def apply_torchvision_workaround() -> bool:
-    """Make ``import torchvision`` work; True when the workaround was needed.
+    """Make ``import torchvision`` work beside CPU torch (see training.compat); True when it was needed."""
+    from training.compat import apply_torchvision_workaround as apply
 
-    torchvision 0.28.0 from PyPI links CUDA torch; beside the CPU torch 2.13.0 its import fails with
-    "operator torchvision::nms does not exist". Defining the two op schemas it expects lets it import
-    (ComfyUI only imports torchvision on the paths we use).
-    """
-    if "torchvision_patched" in _state:
-        return _state["torchvision_patched"]
-    try:
-        import torchvision  # noqa: F401
-        patched = False
-    except ImportError:
-        patched = False  # not installed: ComfyUI reports what it misses itself
-    except RuntimeError as error:
-        if "torchvision::" not in str(error):
-            raise
-        _define_torchvision_op_schemas()
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]  # the failed import left half-initialised submodules behind
-        import torchvision  # noqa: F401
-        patched = True
-    _state["torchvision_patched"] = patched
-    return patched
-
-
-def _define_torchvision_op_schemas() -> None:
-    import torch
-
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _state["torchvision_lib"] = lib  # the definitions live as long as this object
+    return apply()
 
 
 def link_plugin(custom_nodes_dir: Path) -> Path:
@@ -314,7 +286,11 @@ def _launch(argv: list[str]) -> None:
     """Server launcher: ``[--torchvision-op-schemas] path/to/main.py ARGS...`` (see comfyui_server)."""
     if argv[0] == "--torchvision-op-schemas":
         argv = argv[1:]
-        _define_torchvision_op_schemas()
+        # By file path: putting the repo root on sys.path would shadow ComfyUI's own `nodes` module.
+        spec = importlib.util.spec_from_file_location("diffusion_sae_compat", REPO_ROOT / "training" / "compat.py")
+        compat = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(compat)
+        compat.define_torchvision_op_schemas()
     main_py = Path(argv[0])
     sys.argv = [str(main_py), *argv[1:]]
     sys.path[0] = str(main_py.parent)  # as if run as `python main.py` (not tests/ first)

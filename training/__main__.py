@@ -1,23 +1,42 @@
-"""``python -m training``: the headless trainer's command line."""
+"""``python -m training``: the headless trainer's command line.
+
+    python -m training capture --model organism-flux --prompts prompts.txt --sites double_blocks.1:image --out runs/acts
+    python -m training train --shards runs/acts/double_blocks.1-image --kind topk --k 16 --out runs/topk.safetensors
+    python -m training eval --dictionary runs/topk.safetensors --model organism-flux --prompts prompts.txt --out runs/eval
+    python -m training atlas --dictionary runs/topk.safetensors --model organism-flux --prompts prompts.txt --out runs/atlas
+    python -m training steer --dictionary runs/topk.safetensors --model organism-flux --prompt "a handwritten two" \\
+        --features 3 17 --strengths 0 0.5 1 --windows 0-1 0-0.3 --out runs/steer.png
+    python -m training demo          # the whole loop on the model organism, with steering figures
+
+Every subcommand takes ``--config FILE`` (TOML or JSON, see training/config.py); flags override it.
+``torchrun --nproc-per-node N -m training train ...`` trains data-parallel (each rank reads its own shards).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any, Optional
 
+import torch
 from tqdm import tqdm
 
-from sae_core import DictionaryError, TrainConfig, save_dictionary
+from sae_core import DictionaryError, ShardReader, TrainConfig, evaluate, load_dictionary, save_dictionary, train_dictionary
 from sae_core.metrics import firing_histogram
 from sae_core.plots import histogram_chart, line_chart
 from sae_core.synthetic import run_benchmark, superposition_data
 
+from .config import parse_with_config
 
-def tqdm_progress(desc: str, total: int):
+log = logging.getLogger("training")
+
+
+def tqdm_progress(desc: str, total: int, disable: bool = False):
     """A training progress callback that drives a tqdm bar."""
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=disable)
 
     def update(step: int, total_steps: int, metrics: dict) -> None:
         bar.update(step - bar.n)
@@ -29,6 +48,28 @@ def tqdm_progress(desc: str, total: int):
             bar.close()
 
     return update
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _window(values: Optional[list[float]]) -> Optional[tuple[float, float]]:
+    return None if values is None else (float(values[0]), float(values[1]))
+
+
+def _span(text: str) -> Optional[tuple[float, float]]:
+    """``"0-0.5"`` -> (0.0, 0.5); ``"all"`` -> None."""
+    if text == "all":
+        return None
+    try:
+        start, end = (float(v) for v in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a window is START-END in sampling progress 0..1 (e.g. 0-0.5) or 'all', not {text!r}")
+    return start, end
+
+
+# ----------------------------------------------------------------------------- synthetic
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
@@ -48,19 +89,262 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     line_chart(curves, "training FVU (synthetic superposition)", log_y=True).save(out / "training_curves.png")
     (out / "metrics.json").write_text(json.dumps(rows, indent=2))
 
-    print(f"synthetic superposition: d={args.d}, {args.features} true features, mean L0 {args.l0}, {args.samples} samples")
-    print(f"{'kind':<10} {'latents':>8} {'L0':>6} {'FVU':>7} {'recovery':>9} {'dead':>6} {'seconds':>8}")
+    say(f"synthetic superposition: d={args.d}, {args.features} true features, mean L0 {args.l0}, {args.samples} samples")
+    say(f"{'kind':<10} {'latents':>8} {'L0':>6} {'FVU':>7} {'recovery':>9} {'dead':>6} {'seconds':>8}")
     for r in rows:
-        print(f"{r['kind']:<10} {r['latents']:>8} {r['l0']:>6.2f} {r['fvu']:>7.4f} {r['recovery']:>9.4f} {r['dead_fraction']:>6.3f} {r['seconds']:>8.1f}")
-    print(f"dictionaries, curves and metrics.json written to {out}/")
+        say(f"{r['kind']:<10} {r['latents']:>8} {r['l0']:>6.2f} {r['fvu']:>7.4f} {r['recovery']:>9.4f} {r['dead_fraction']:>6.3f} {r['seconds']:>8.1f}")
+    say(f"dictionaries, curves and metrics.json written to {out}/")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+# ----------------------------------------------------------------------------- organism
+
+
+def cmd_organism(args: argparse.Namespace) -> int:
+    from .organism.build import WEIGHTS, build_denoiser, organism_data
+    from .organism.classifier import fit_and_report
+    from .organism.fit import FitConfig
+
+    out = Path(args.out) if args.out else WEIGHTS
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    for kind in args.kinds:
+        config = FitConfig(kind=kind, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        report[kind] = {k: v for k, v in build_denoiser(kind, out, Path(args.work_dir), config).items() if k != "history"}
+        say(f"organism {kind}: trained {args.train_steps} steps in {report[kind]['seconds_this_run']} s -> {out / kind}")
+    if not args.skip_classifier:
+        train, held_out = organism_data(args.seed)
+        report["classifier"] = fit_and_report(train, held_out, out)
+        say(f"classifier: held-out accuracy {report['classifier']['held_out_accuracy']:.3f} -> {out / 'classifier.safetensors'}")
+    say(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+def _runner(args: argparse.Namespace):
+    from .runner import load_runner
+
+    return load_runner(args.model, device=args.device)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from .capture import CaptureSettings, capture
+    from .prompts import read_prompts
+
+    runner = _runner(args)
+    if args.list_sites:
+        for site in runner.sites():
+            say(f"{site.name}  (d={site.extra['d']})")
+        return 0
+    if not args.sites:
+        raise DictionaryError("name at least one site with --sites (see --list-sites)")
+    sites = [runner.site(name) for name in args.sites]
+    prompts = read_prompts(args.prompts)
+    settings = CaptureSettings(model=args.model, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                               steps=args.sample_steps, guidance=args.guidance, window=_window(args.window),
+                               tokens_per_image=args.tokens_per_image, cond_only=not args.with_uncond)
+    out = Path(args.out)
+    summary = capture(runner, settings, sites, out, batch_size=args.batch_size, shard_tokens=args.shard_tokens, dtype=args.dtype)
+    for name, info in summary.items():
+        say(f"{name}: {info['tokens']} vectors in {info['directory']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _train_config(args: argparse.Namespace, device: str) -> TrainConfig:
+    return TrainConfig(kind=args.kind, k=args.k, n_latents=args.latents, expansion_factor=args.expansion,
+                       normalization=args.normalization, total_steps=args.train_steps, batch_size=args.batch_size,
+                       lr=args.lr, warmup_steps=min(100, max(1, args.train_steps // 10)), loss_threshold=args.loss_threshold,
+                       seed=args.seed, checkpoint_every=args.checkpoint_every, device=device,
+                       dead_tokens=args.dead_tokens, log_every=args.log_every)
+
+
+def _streaming_data(args: argparse.Namespace, device: str):
+    """Batches straight from the pipeline, never stored: every pass regenerates the same samples."""
+    from .capture import Recorder
+    from .prompts import read_prompts
+
+    runner = _runner(args)
+    site = runner.site(args.site)
+    prompts = read_prompts(args.prompts)
+
+    def batches():
+        recorder = Recorder(_window(args.window), args.tokens_per_image, True, args.seed)
+        pool: list[torch.Tensor] = []
+        for first in range(0, len(prompts), 8):
+            chunk = prompts[first:first + 8]
+            recorder.n_samples = len(chunk)
+            runner.generate(chunk, [args.seed + first + i for i in range(len(chunk))], site_functions={site: recorder})
+            pool.extend(x.reshape(-1, x.shape[-1]) for x, _, _, _ in recorder.take())
+            rows = torch.cat(pool)
+            while rows.shape[0] >= args.batch_size:
+                yield rows[: args.batch_size]
+                rows = rows[args.batch_size:]
+            pool = [rows]
+
+    return batches, site
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sae_core.distributed import init_from_env, is_main
+
+    rank, world, device = init_from_env(device=args.device)
+    out = Path(args.out)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.stem}.checkpoint"
+    config = _train_config(args, device)
+    if args.shards:
+        reader = ShardReader(args.shards, batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
+        data, site = reader, reader.site
+        source = f"{reader.n_tokens} vectors in {args.shards}" + (f" (rank {rank} of {world})" if world > 1 else "")
+    elif args.model and args.prompts and args.site:
+        if world > 1:
+            raise DictionaryError("streaming from a pipeline runs on one process: capture shards first for torchrun")
+        data, site = _streaming_data(args, device)
+        source = f"{args.model} streaming at {args.site}"
+    else:
+        raise DictionaryError("train needs --shards DIR, or --model, --prompts and --site to stream from a pipeline")
+    if is_main():
+        say(f"training {args.kind} on {source}; checkpoints in {checkpoint_dir}")
+    result = train_dictionary(data, config, site=site, checkpoint_dir=checkpoint_dir,
+                              progress=tqdm_progress(f"train {args.kind}", config.total_steps, disable=not is_main()))
+    if not is_main():
+        return 0
+    if result.resumed_from_step is not None:
+        say(f"resumed from step {result.resumed_from_step}")
+    save_dictionary(result.dictionary, out)
+    key = "relative_loss" if args.kind == "itda" else "fvu"
+    curve = [(h["step"], h[key]) for h in result.history if key in h]
+    if curve:
+        line_chart({args.kind: curve}, f"{args.kind} at {site.name}: training {key}", log_y=True).save(out.with_suffix(".curve.png"))
+    last = result.history[-1] if result.history else {}
+    say(f"dictionary written to {out} ({result.dictionary.n_latents} latents); last {key} "
+        f"{last.get(key, float('nan')):.4f}; {result.rejected_batches} batches rejected")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _classifier_for(runner) -> Any:
+    if not runner.is_organism:
+        return None
+    from .organism.classifier import classify, load_classifier
+    model = load_classifier()
+    return lambda images: classify(model, images[:, :1] * 2 - 1)[0]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    dictionary = load_dictionary(args.dictionary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"dictionary": args.dictionary}
+    if args.shards:
+        reader = ShardReader(args.shards, batch_size=4096, shuffle=False, drop_last=False)
+        x = torch.cat([batch["activations"] for batch in reader]).float()
+        report["held_out"] = {k: round(v, 5) for k, v in evaluate(dictionary, x).items()}
+        report["held_out"]["vectors"] = x.shape[0]
+        say(f"held-out activations ({x.shape[0]} vectors): " + ", ".join(f"{k} {v}" for k, v in report["held_out"].items()))
+    if args.model:
+        from .grids import image_grid
+        from .prompts import read_prompts
+        from .substitution import substitution_scores
+
+        runner = _runner(args)
+        site = runner.site(args.site or dictionary.site.name)
+        prompts = read_prompts(args.prompts)[: args.samples]
+        scores, images = substitution_scores(runner, dictionary, site, prompts, [args.seed + i for i in range(len(prompts))],
+                                             _classifier_for(runner))
+        report["substitution"] = scores
+        shown = min(len(prompts), 12)
+        image_grid(images[:, :shown], ["original", "substituted", "mean-ablated"], [str(i) for i in range(shown)],
+                   f"reconstruction substituted at {site.name}").save(out / "substitution.png")
+        say(f"substituted generation at {site.name}: " + json.dumps(scores))
+    if len(report) == 1:
+        raise DictionaryError("eval needs --shards (held-out activations) and/or --model with --prompts")
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    say(f"report written to {out / 'eval.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- atlas
+
+
+def cmd_atlas(args: argparse.Namespace) -> int:
+    from .atlas_run import build_atlas
+    from .prompts import read_prompts
+
+    runner = _runner(args)
+    dictionary = load_dictionary(args.dictionary)
+    site = runner.site(args.site or dictionary.site.name)
+    prompts = read_prompts(args.prompts)
+    index = build_atlas(runner, dictionary, site, prompts, Path(args.out), images_per_prompt=args.images_per_prompt,
+                        seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features)
+    say(f"atlas written to {index} (open it in a browser; it works offline)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- steer
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from .steer_grid import steering_grid
+
+    runner = _runner(args)
+    dictionary = load_dictionary(args.dictionary)
+    site = runner.site(args.site or dictionary.site.name)
+    for f in args.features:
+        if not 0 <= f < dictionary.n_latents:
+            raise DictionaryError(f"feature {f} does not exist: the dictionary has {dictionary.n_latents} features")
+    grid = steering_grid(runner, dictionary, site, args.prompt, args.seed, args.features, args.strengths,
+                         args.windows, mode=args.mode, units=args.units)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    say(f"steering grid ({len(args.features) * len(args.windows)} rows x {len(args.strengths)} strengths) written to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _model_options(p: argparse.ArgumentParser, prompts_required: bool = False) -> None:
+    p.add_argument("--model", default="organism-flux",
+                   help="organism-flux, organism-unet, a local diffusers pipeline folder or a Hub id (default organism-flux)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: the pipeline's usual)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's usual)")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every training report")
     sub = parser.add_subparsers(dest="command", required=True)
-    syn = sub.add_parser("synthetic", help="train TopK, BatchTopK and ITDA on the synthetic superposition benchmark")
+    subs: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="TOML or JSON file of options (flags override it)")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=func)
+        subs[name] = p
+        return p
+
+    syn = add("synthetic", "train TopK, BatchTopK and ITDA on the synthetic superposition benchmark", cmd_synthetic)
     syn.add_argument("--kinds", nargs="+", default=["topk", "batchtopk", "itda"], choices=["topk", "batchtopk", "itda"])
     syn.add_argument("--samples", type=int, default=50_000)
     syn.add_argument("--d", type=int, default=64, help="activation width")
@@ -72,20 +356,112 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--batch-size", type=int, default=1024)
     syn.add_argument("--lr", type=float, default=2e-3)
     syn.add_argument("--loss-threshold", type=float, default=0.25, help="ITDA growth threshold")
-    syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--out", default="runs/synthetic")
-    syn.set_defaults(func=cmd_synthetic)
-    return parser
+
+    org = add("organism", "rebuild the model organism: Flux and U-Net denoisers and the classifier", cmd_organism)
+    org.add_argument("--kinds", nargs="+", default=["flux", "unet"], choices=["flux", "unet"])
+    org.add_argument("--train-steps", type=int, default=2000)
+    org.add_argument("--batch-size", type=int, default=128)
+    org.add_argument("--lr", type=float, default=1e-3)
+    org.add_argument("--out", default=None, help="default: training/organism/weights (the committed organism)")
+    org.add_argument("--work-dir", default="runs/organism-work", help="resumable checkpoints")
+    org.add_argument("--skip-classifier", action="store_true")
+
+    cap = add("capture", "generate from prompts and store site activations as shards", cmd_capture)
+    _model_options(cap)
+    cap.add_argument("--prompts", help="text file, one prompt per line")
+    cap.add_argument("--sites", nargs="+", help="site names, e.g. double_blocks.1:image (see --list-sites)")
+    cap.add_argument("--list-sites", action="store_true", help="print the model's sites and exit")
+    cap.add_argument("--window", nargs=2, type=float, metavar=("START", "END"),
+                     help="capture only steps in this sampling-progress window (0 = first step, 1 = last)")
+    cap.add_argument("--tokens-per-image", type=int, default=None, help="random subset of tokens kept per image and step")
+    cap.add_argument("--images-per-prompt", type=int, default=1)
+    cap.add_argument("--with-uncond", action="store_true", help="also keep the unconditional rows of CFG")
+    cap.add_argument("--batch-size", type=int, default=8, help="images generated together")
+    cap.add_argument("--shard-tokens", type=int, default=65536)
+    cap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    cap.add_argument("--out", default="runs/activations")
+
+    tr = add("train", "train a TopK / BatchTopK SAE or an ITDA dictionary (resumable; torchrun for several GPUs)", cmd_train)
+    tr.add_argument("--shards", help="a site's shard directory from capture")
+    _model_options(tr)
+    tr.add_argument("--prompts", help="stream from the pipeline (with --model and --site) instead of shards")
+    tr.add_argument("--site")
+    tr.add_argument("--window", nargs=2, type=float, metavar=("START", "END"))
+    tr.add_argument("--tokens-per-image", type=int, default=None)
+    tr.add_argument("--kind", default="topk", choices=["topk", "batchtopk", "itda"])
+    tr.add_argument("--k", type=int, default=32, help="latents per token (target L0 for ITDA)")
+    tr.add_argument("--latents", type=int, default=None, help="dictionary width (default expansion x d)")
+    tr.add_argument("--expansion", type=int, default=16)
+    tr.add_argument("--normalization", default="scale", choices=["none", "scale", "standardize"])
+    tr.add_argument("--train-steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=4096)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--loss-threshold", type=float, default=0.3, help="ITDA: add inputs reconstructed worse than this")
+    tr.add_argument("--dead-tokens", type=int, default=1_000_000)
+    tr.add_argument("--checkpoint-every", type=int, default=500)
+    tr.add_argument("--checkpoint-dir", default=None, help="default: OUT's name + .checkpoint beside it")
+    tr.add_argument("--log-every", type=int, default=50)
+    tr.add_argument("--out", default="runs/dictionary.safetensors")
+
+    ev = add("eval", "score a dictionary on held-out shards and by reconstruction-substituted generation", cmd_eval)
+    ev.add_argument("--dictionary", required=True)
+    ev.add_argument("--shards", help="held-out shard directory")
+    _model_options(ev)
+    ev.set_defaults(model=None)
+    ev.add_argument("--prompts")
+    ev.add_argument("--site", help="default: the dictionary's own site")
+    ev.add_argument("--samples", type=int, default=32, help="prompts used for substituted generation")
+    ev.add_argument("--out", default="runs/eval")
+
+    at = add("atlas", "write the feature atlas: top images with heatmaps, frequencies, associated words", cmd_atlas)
+    at.add_argument("--dictionary", required=True)
+    _model_options(at)
+    at.add_argument("--prompts", required=True)
+    at.add_argument("--site", help="default: the dictionary's own site")
+    at.add_argument("--images-per-prompt", type=int, default=1)
+    at.add_argument("--at", type=float, default=0.5, help="sampling progress at which features are read (0..1)")
+    at.add_argument("--top-m", type=int, default=8, help="top images per feature")
+    at.add_argument("--features", type=int, default=None, help="features shown (default: all that fire)")
+    at.add_argument("--out", default="runs/atlas")
+
+    st = add("steer", "a grid of steered images: features x windows down, strengths across", cmd_steer)
+    st.add_argument("--dictionary", required=True)
+    _model_options(st)
+    st.add_argument("--prompt", required=True)
+    st.add_argument("--site", help="default: the dictionary's own site")
+    st.add_argument("--features", type=int, nargs="+", required=True)
+    st.add_argument("--strengths", type=float, nargs="+", default=[0, 0.25, 0.5, 1.0])
+    st.add_argument("--windows", type=_span, nargs="+", default=[None], help="START-END progress windows or 'all'")
+    st.add_argument("--mode", default="add", choices=["add", "clamp", "ablate"])
+    st.add_argument("--units", default="token_norm", choices=["token_norm", "mean_activation", "raw"])
+    st.add_argument("--out", default="runs/steer.png")
+
+    demo = add("demo", "the whole loop on the model organism: capture, train TopK + ITDA, eval, atlas, steer, flip rates",
+               cmd_demo)
+    demo.add_argument("--model", default="organism-flux", choices=["organism-flux", "organism-unet"])
+    demo.add_argument("--site", default=None, help="default: double_blocks.1:image (Flux) / up_blocks.1:residual (U-Net)")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (for tests and a first look)")
+    demo.add_argument("--out", default="runs/demo")
+    return parser, subs
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def main(argv: Optional[list[str]] = None) -> int:
+    parser, subs = build_parser()
     try:
-        return args.func(args)
-    except DictionaryError as err:
+        args = parse_with_config(parser, subs, argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        start = time.perf_counter()
+        code = args.func(args)
+        log.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
+        return code
+    except (DictionaryError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Capture: generate images from prompts and store the chosen sites' activations as shards.
+
+One shard directory per site (``OUT/<block>-<stream>/``, see :class:`sae_core.ShardWriter`), each with
+the run's settings in its manifest. Sample ``s`` is image ``s % images_per_prompt`` of prompt
+``s // images_per_prompt``, drawn from noise seeded ``seed + s``, so any sample can be regenerated and a
+rerun after a kill continues at the first sample not yet on disk, with the same images it would have
+made. A capture whose settings differ from the directory's is refused rather than mixed in.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sae_core.errors import DictionaryError
+from sae_core.intervention import SiteContext
+from sae_core.shards import DTYPES, ShardWriter
+from sae_core.site import Site
+from sae_core.timesteps import in_window, validate_window
+
+from .runner import Runner
+
+log = logging.getLogger("training.capture")
+
+
+def site_dir(out: Path, site: Site) -> Path:
+    return out / site.name.replace(":", "-")
+
+
+@dataclass
+class CaptureSettings:
+    """What makes two captures the same data: stored in each manifest and checked on resume."""
+
+    model: str
+    prompts: list[str]
+    images_per_prompt: int = 1
+    seed: int = 0
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    window: Optional[tuple[float, float]] = None
+    tokens_per_image: Optional[int] = None
+    cond_only: bool = True
+
+    def manifest(self) -> dict[str, Any]:
+        return {"capture": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}}
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+
+@dataclass
+class Recorder:
+    """Site function that keeps the site's tokens of every call inside the window (cond rows by default).
+
+    Rows map to samples as ``row % n_samples``: batched guidance puts ``[uncond, cond]`` halves in
+    the order of the prompts. With ``tokens_per_image`` a seeded random subset of each row's tokens
+    is kept (per call), which spreads a capture over more images for the same disk.
+    """
+
+    window: Optional[tuple[float, float]]
+    tokens_per_image: Optional[int]
+    cond_only: bool
+    seed: int
+    n_samples: int = 0
+    records: list[tuple[Tensor, Tensor, Tensor, float]] = field(default_factory=list)
+    calls: int = 0
+
+    def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
+        self.calls += 1
+        if not in_window(ctx, self.window):
+            return h
+        rows = torch.arange(h.shape[0])
+        if self.cond_only and ctx.cond is not None:
+            rows = rows[ctx.cond.to(torch.bool).cpu()]
+        x = h[rows].detach().float().cpu()
+        tokens = torch.arange(h.shape[1]).expand(len(rows), -1)
+        if self.tokens_per_image and self.tokens_per_image < h.shape[1]:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+            tokens = torch.stack([torch.randperm(h.shape[1], generator=gen)[: self.tokens_per_image] for _ in rows])
+            x = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        sigma = float(ctx.sigma) if ctx.sigma is not None else float("nan")
+        self.records.append((x, rows % self.n_samples, tokens, sigma))
+        return h
+
+    def take(self) -> list[tuple[Tensor, Tensor, Tensor, float]]:
+        records, self.records = self.records, []
+        return records
+
+
+def _check_settings(writer: ShardWriter, settings: CaptureSettings, where: Path) -> None:
+    previous = writer.extra.get("capture")
+    if previous is not None and writer.n_tokens and previous != settings.manifest()["capture"]:
+        changed = sorted(k for k in previous if previous.get(k) != settings.manifest()["capture"].get(k))
+        raise DictionaryError(f"{where} holds a capture made with other settings ({', '.join(changed)} differ): "
+                              "rerun with the same options to resume it, or capture into a new --out folder")
+
+
+def _write_samples(writer: ShardWriter, records: list[tuple[Tensor, Tensor, Tensor, float]], ids: Tensor,
+                   resume_from: int) -> None:
+    """Add a batch's records sample by sample (every step of sample s, then s + 1, ...), so shards end
+    on sample boundaries and a resumed capture never holds part of a sample."""
+    if not records:
+        return
+    acts = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _, _ in records])
+    samples = torch.cat([ids[rows].repeat_interleave(tokens.shape[1]) for _, rows, tokens, _ in records])
+    tokens = torch.cat([tokens.reshape(-1) for _, _, tokens, _ in records])
+    sigmas = torch.cat([torch.full((x.shape[0] * x.shape[1],), sigma) for x, _, _, sigma in records])
+    order = torch.sort(samples, stable=True).indices
+    acts, samples, tokens, sigmas = acts[order], samples[order], tokens[order], sigmas[order]
+    for sample in torch.unique(samples).tolist():
+        if sample < resume_from:
+            continue  # already on disk from an earlier run
+        rows = samples == sample
+        writer.add(acts[rows], sample, tokens[rows], sigmas[rows])
+
+
+def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], out: Path, *, batch_size: int = 8,
+            shard_tokens: int = 65536, dtype: str = "float16", progress: bool = True) -> dict[str, Any]:
+    """Run the capture (resuming whatever ``out`` holds); returns a summary with token counts per site."""
+    if settings.images_per_prompt < 1:
+        raise DictionaryError("images_per_prompt must be at least 1")
+    if dtype not in DTYPES:
+        raise DictionaryError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    window = validate_window(settings.window)
+    writers: dict[Site, ShardWriter] = {}
+    for site in sites:
+        where = site_dir(out, site)
+        writer = ShardWriter(where, site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], extra=None)
+        _check_settings(writer, settings, where)
+        writer.extra.update(settings.manifest())
+        writers[site] = writer
+    resume_from = {site: w.next_sample_id for site, w in writers.items()}  # sites may stand at different samples
+    start = min(resume_from.values())
+    total = settings.n_samples
+    if start:
+        log.info("resuming the capture in %s at sample %d of %d", out, start, total)
+    recorders = {site: Recorder(window, settings.tokens_per_image, settings.cond_only, settings.seed) for site in sites}
+    bar = tqdm(total=total, initial=min(start, total), desc="capture", unit="image", disable=not progress)
+    try:
+        for first in range(start, total, batch_size):
+            ids = list(range(first, min(first + batch_size, total)))
+            prompts = [settings.prompts[s // settings.images_per_prompt] for s in ids]
+            for recorder in recorders.values():
+                recorder.n_samples = len(ids)
+            runner.generate(prompts, [settings.seed + s for s in ids], steps=settings.steps,
+                            guidance=settings.guidance, site_functions=recorders)
+            for site, recorder in recorders.items():
+                _write_samples(writers[site], recorder.take(), torch.tensor(ids), resume_from[site])
+            bar.update(len(ids))
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+    summary = {site.name: {"directory": str(site_dir(out, site)), "tokens": writers[site].n_tokens} for site in sites}
+    for site in sites:
+        if not writers[site].n_tokens:
+            raise DictionaryError(f"no activations were captured at {site.name}: is the window {settings.window} "
+                                  "outside the sampling schedule?")
+    return summary

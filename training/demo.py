@@ -1,0 +1,145 @@
+"""``python -m training demo``: the whole loop on the model organism, offline, with figures.
+
+capture -> train a TopK SAE and an ITDA dictionary -> eval (held-out shards, substituted generation)
+-> atlas -> steering grid -> class flip rates against a random direction and diff-of-means.
+Every step is the same code the separate subcommands run; outputs go under ``--out`` and a
+``summary.md`` there collects the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_core import ShardReader, TrainConfig, evaluate, save_dictionary, train_dictionary
+from sae_core.plots import line_chart
+
+from .atlas_run import build_atlas
+from .capture import CaptureSettings, capture, site_dir
+from .flip import flip_rates, profile_classes, random_direction, specific_feature
+from .grids import image_grid
+from .organism.build import organism_data
+from .organism.classifier import classify, load_classifier
+from .organism.data import ANIMALS, CLASSES, DIGITS, class_prompt
+from .runner import load_runner
+from .steer_grid import steering_grid
+from .substitution import substitution_scores
+
+DEFAULT_SITES = {"organism-flux": "double_blocks.1:image", "organism-unet": "up_blocks.1:residual"}
+TARGETS = ("seven", "giraffe")
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return dict(captions=24, held_out=8, sae_steps=300, itda_steps=60, atlas_seeds=1, flip_seeds=1,
+                    profile_seeds=2, strengths=[0.0, 0.5, 1.0], substitution=8, targets=TARGETS[:1])
+    return dict(captions=240, held_out=40, sae_steps=2000, itda_steps=300, atlas_seeds=3, flip_seeds=6,
+                profile_seeds=6, strengths=[0.0, 0.25, 0.5, 1.0, 2.0], substitution=32, targets=TARGETS)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = _sizes(args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runner = load_runner(args.model)
+    site = runner.site(args.site or DEFAULT_SITES[args.model])
+    summary: dict[str, Any] = {"model": args.model, "site": site.name, "quick": bool(args.quick)}
+
+    # 1. capture: training prompts are the organism's own captions; held-out prompts are others, other seeds
+    train_data, _ = organism_data()
+    captions = sorted(set(train_data.captions))
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    train_prompts = [captions[i] for i in order[: sizes["captions"]]]
+    held_prompts = [captions[i] for i in order[sizes["captions"]: sizes["captions"] + sizes["held_out"]]]
+    (out / "prompts.txt").write_text("\n".join(train_prompts) + "\n")
+    for name, prompts, seed in (("train", train_prompts, args.seed), ("held_out", held_prompts, args.seed + 10_000)):
+        settings = CaptureSettings(model=args.model, prompts=prompts, images_per_prompt=2, seed=seed)
+        info = capture(runner, settings, [site], out / "activations" / name, shard_tokens=16384)
+        _say(f"[capture] {name}: {info[site.name]['tokens']} vectors at {site.name} -> {info[site.name]['directory']}")
+    shards = site_dir(out / "activations" / "train", site)
+
+    # 2. train: a TopK SAE (8x wide, k=8) and an ITDA dictionary (target L0 8)
+    d = int(site.extra["d"])
+    dictionaries = {}
+    for kind, steps in (("topk", sizes["sae_steps"]), ("itda", sizes["itda_steps"])):
+        config = TrainConfig(kind=kind, k=8, n_latents=8 * d, total_steps=steps, batch_size=1024, warmup_steps=50,
+                             loss_threshold=0.35, seed=args.seed, checkpoint_every=250, dead_tokens=200_000)
+        reader = ShardReader(shards, batch_size=1024, seed=args.seed)
+        result = train_dictionary(reader, config, site=site, checkpoint_dir=out / f"{kind}.checkpoint")
+        save_dictionary(result.dictionary, out / f"{kind}.safetensors")
+        dictionaries[kind] = result.dictionary
+        _say(f"[train] {kind}: {result.dictionary.n_latents} latents -> {out / f'{kind}.safetensors'}")
+
+    # 3. eval: held-out activations and reconstruction-substituted generation
+    classifier = load_classifier()
+
+    def judge(images: torch.Tensor) -> torch.Tensor:
+        return classify(classifier, images[:, :1] * 2 - 1)[0]
+
+    held = ShardReader(site_dir(out / "activations" / "held_out", site), batch_size=4096, shuffle=False, drop_last=False)
+    x = torch.cat([b["activations"] for b in held]).float()
+    summary["eval"] = {}
+    sub_prompts = [class_prompt(c) for c in range(len(CLASSES))][: sizes["substitution"]]
+    sub_prompts = (sub_prompts * 2)[: sizes["substitution"]]
+    for kind, dictionary in dictionaries.items():
+        metrics = {k: round(v, 4) for k, v in evaluate(dictionary, x).items()}
+        scores, images = substitution_scores(runner, dictionary, site, sub_prompts,
+                                             [args.seed + 500 + i for i in range(len(sub_prompts))], judge)
+        summary["eval"][kind] = {"held_out": metrics, "substitution": scores, "latents": dictionary.n_latents}
+        shown = min(10, len(sub_prompts))
+        image_grid(images[:, :shown], ["original", "substituted", "mean-ablated"], [str(i) for i in range(shown)],
+                   f"{kind}: reconstruction substituted at {site.name}").save(out / f"{kind}_substitution.png")
+        _say(f"[eval] {kind}: held-out FVU {metrics['fvu']}, L0 {metrics['l0']}; substituted generation keeps the class "
+             f"{scores['substituted'].get('same_class')} (mean-ablation {scores['mean_ablated'].get('same_class')})")
+
+    # 4. atlas of the TopK SAE over every class prompt
+    atlas_prompts = [class_prompt(c) for c in range(len(CLASSES))]
+    index = build_atlas(runner, dictionaries["topk"], site, atlas_prompts, out / "atlas",
+                        images_per_prompt=sizes["atlas_seeds"], seed=args.seed + 2000, top_m=6, n_features=64)
+    _say(f"[atlas] {index}")
+
+    # 5 + 6. class-specific features, a steering grid, and flip rates against the controls
+    prompts = [class_prompt(c) for c in range(len(CLASSES))]
+    profile_seeds = [args.seed + 3000 + i for i in range(sizes["profile_seeds"])]
+    profiles = profile_classes(runner, dictionaries, site, prompts, profile_seeds)
+    summary["flip"] = {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for target_name in sizes["targets"]:
+        target = CLASSES.index(target_name)
+        domain = range(len(DIGITS)) if target < len(DIGITS) else range(len(DIGITS), len(DIGITS) + len(ANIMALS))
+        features = {kind: specific_feature(p.feature_means, target, list(domain)) for kind, p in profiles.items()}
+        acts = profiles["topk"].activation_means
+        others = [c for c in domain if c != target]
+        directions = {f"topk feature {features['topk']}": dictionaries["topk"].direction(features["topk"]),
+                      f"itda atom {features['itda']}": dictionaries["itda"].direction(features["itda"]),
+                      "diff of means": acts[target] - acts[others].mean(0),
+                      "random": random_direction(d, args.seed + target)}
+        sources = [c for c in domain if c != target]
+        seeds = [args.seed + 4000 + i for i in range(sizes["flip_seeds"])]
+        rows = flip_rates(runner, judge, site, directions, prompts, sources, target, sizes["strengths"], seeds)
+        summary["flip"][target_name] = {"features": features, "rows": rows}
+        for row in rows:
+            curves.setdefault(f"{target_name}: {row['direction'].split(' ')[0]}", []).append((row["strength"], row["flip_rate"]))
+        grid = steering_grid(runner, dictionaries["topk"], site, prompts[sources[0]], args.seed, [features["topk"]],
+                             sizes["strengths"], [None, (0.0, 0.3), (0.3, 1.0)])
+        grid.save(out / f"steer_{target_name}.png")
+        _say(f"[steer] grid for '{target_name}' -> {out / f'steer_{target_name}.png'}")
+        _say(f"[flip] to '{target_name}' ({len(sources) * len(seeds)} samples per setting):")
+        _say("  " + f"{'direction':<22}" + "".join(f"{s:>8g}" for s in sizes["strengths"]))
+        for name in directions:
+            rates = [r["flip_rate"] for r in rows if r["direction"] == name]
+            _say("  " + f"{name:<22}" + "".join(f"{r:>8.2f}" for r in rates))
+    line_chart(curves, "class flip rate vs steering strength (x mean token norm)").save(out / "flip_rates.png")
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _say(f"[done] in {summary['seconds']} s; figures in {out}/ (summary.json, flip_rates.png, atlas/index.html)")
+    return summary

@@ -1,0 +1,162 @@
+"""A text-to-image pipeline behind one call: load it by name, generate with site functions attached.
+
+``load_runner("organism-flux")`` (the committed model organism), a local pipeline folder, or a Hugging
+Face Hub id (Flux, SD 1.5, SDXL; read from the local cache when offline). ``Runner.generate`` runs the
+pipeline with :func:`training.adapters.attach` and a :class:`~training.adapters.SamplingState`, so site
+functions see sigma, progress and which rows are the prompt's, whatever the pipeline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from sae_core.errors import DictionaryError
+from sae_core.intervention import SiteFunction
+from sae_core.site import Site
+
+from .adapters import SamplingState, adapter_for, attach
+from .compat import apply_torchvision_workaround
+
+log = logging.getLogger("training.runner")
+ORGANISMS = ("organism-flux", "organism-unet")
+DEFAULTS = {  # steps, guidance: what each kind of pipeline is sampled with unless told otherwise
+    "OrganismFluxPipeline": (20, 4.0), "OrganismUNetPipeline": (20, 4.0),
+    "FluxPipeline": (28, 3.5), "StableDiffusionPipeline": (30, 7.5), "StableDiffusionXLPipeline": (30, 6.0),
+}
+
+
+@dataclass
+class Runner:
+    """A loaded pipeline, its denoiser and how it runs guidance."""
+
+    pipe: Any
+    name: str
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer if hasattr(self.pipe, "transformer") else self.pipe.unet
+
+    @property
+    def kind(self) -> str:
+        return type(self.pipe).__name__
+
+    @property
+    def is_organism(self) -> bool:
+        return self.kind.startswith("Organism")
+
+    def sites(self) -> list[Site]:
+        return adapter_for(self.denoiser).available_sites(self.denoiser)
+
+    def site(self, name: str) -> Site:
+        """The model's site called ``name`` ("double_blocks.1:image"); a clear error listing them otherwise."""
+        sites = self.sites()
+        for site in sites:
+            if site.name == name:
+                return site
+        raise DictionaryError(f"{self.name} has no site {name!r}; it has: " + ", ".join(s.name for s in sites))
+
+    def defaults(self) -> tuple[int, float]:
+        return DEFAULTS.get(self.kind, (30, 5.0))
+
+    def guidance_mode(self, guidance_scale: float) -> str:
+        if self.kind == "FluxPipeline":
+            return "none"  # guidance-distilled: one call per step
+        return "batched" if guidance_scale > 1 else "none"
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: Optional[int] = None,
+                 guidance: Optional[float] = None, site_functions: Optional[Mapping[Site, SiteFunction]] = None,
+                 latents: Optional[Tensor] = None) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] for ``prompts``, sample ``i`` from noise seeded ``seeds[i]``."""
+        default_steps, default_guidance = self.defaults()
+        steps = steps or default_steps
+        guidance = default_guidance if guidance is None else guidance
+        state = SamplingState(self.pipe.scheduler, guidance=self.guidance_mode(guidance))
+        if latents is None:
+            latents = torch.cat([self.initial_noise(seed) for seed in seeds])
+        hooks = attach(self.denoiser, site_functions, context=state) if site_functions else nullcontext()
+        with hooks:
+            out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                            output_type="pt", callback_on_step_end=state.on_step_end)
+        return out.images.float().clamp(0, 1)
+
+    def initial_noise(self, seed: int) -> Tensor:
+        """One sample's starting noise in the shape the pipeline takes ``latents`` in."""
+        gen = torch.Generator().manual_seed(int(seed))
+        if self.is_organism:
+            from .organism.models import LATENT_CHANNELS, LATENT_SIZE
+
+            return torch.randn((1, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=gen)
+        pipe = self.pipe
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        if self.kind == "FluxPipeline":
+            channels = self.denoiser.config.in_channels // 4
+            h = 2 * (size // (pipe.vae_scale_factor * 2))
+            noise = torch.randn((1, channels, h, h), generator=gen)
+            return pipe._pack_latents(noise, 1, channels, h, h)
+        channels = self.denoiser.config.in_channels
+        h = size // pipe.vae_scale_factor
+        return torch.randn((1, channels, h, h), generator=gen) * pipe.scheduler.init_noise_sigma
+
+
+def _organism_folder(name: str) -> Path:
+    from .organism.build import WEIGHTS
+
+    folder = WEIGHTS / name.split("-", 1)[1]
+    if not (folder / "model_index.json").exists():
+        raise DictionaryError(f"the model organism's weights are missing from {folder}: run `python -m training organism` "
+                              "to rebuild them, or restore them with git checkout")
+    return folder
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).suffix != ""
+
+
+def load_runner(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Runner:
+    """The pipeline named ``model``: an organism name, a local folder or a Hub id (see module docstring)."""
+    apply_torchvision_workaround()
+    folder: Optional[Path] = None
+    if model in ORGANISMS:
+        folder = _organism_folder(model)
+    elif Path(model).expanduser().exists():
+        folder = Path(model).expanduser()
+        if not (folder / "model_index.json").exists():
+            raise DictionaryError(f"{folder} is not a diffusers pipeline folder (it has no model_index.json)")
+    elif _looks_like_path(model):
+        raise DictionaryError(f"no such folder: {model}")
+    pipe = _load(folder, model, dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    runner = Runner(pipe, model)
+    runner.sites()  # an unsupported denoiser class fails here, before any work
+    return runner
+
+
+def _load(folder: Optional[Path], model: str, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # our own bars say what is happening
+
+    if folder is not None:
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+        if class_name.startswith("Organism"):
+            from .organism import pipelines
+
+            return getattr(pipelines, class_name).from_pretrained(folder, dtype=dtype)
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+    try:
+        return DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except Exception as err:  # offline misses, unknown repos, gated repos: one actionable message
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DictionaryError(
+            f"could not load the model {model!r}: {reason}. Pass a local pipeline folder, a Hub id that is in the "
+            f"local Hugging Face cache (or reachable), or one of {', '.join(ORGANISMS)}"
+        ) from err
