@@ -7,6 +7,8 @@ from .common import register_sae_folder
 from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
 from .image_capture_nodes import SAECaptureFromImages
 from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
+from .organism_nodes import NODE_CLASS_MAPPINGS as ORGANISM_NODES
+from .organism_nodes import NODE_DISPLAY_NAME_MAPPINGS as ORGANISM_NAMES
 from .steer_nodes import SAESteer
 
 try:
@@ -23,6 +25,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SAERecordFeatures": SAERecordFeatures,
     "SAEFeatureHeatmap": SAEFeatureHeatmap,
     "SAETopFeatures": SAETopFeatures,
+    **ORGANISM_NODES,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SAELoadDictionary": "Load Dictionary",
@@ -33,4 +36,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SAERecordFeatures": "Record Features",
     "SAEFeatureHeatmap": "Feature Heatmap",
     "SAETopFeatures": "Top Features",
+    **ORGANISM_NAMES,
 }
