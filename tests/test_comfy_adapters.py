@@ -480,3 +480,18 @@ def test_a_site_function_returning_another_shape_is_an_error(adapters, flux, con
     patched = patch(adapters, flux, {"double_blocks.0:image": lambda h, ctx: h[:, :3]})
     with pytest.raises(DictionaryError, match="returned"):
         run(patched, conds, steps=1)
+
+
+def test_diffusers_unet_block_names_resolve_to_the_comfyui_block_with_the_same_output(adapters, comfyui, Site,
+                                                                                     DictionaryError):
+    """A dictionary trained headless (diffusers names) is used in ComfyUI by its own site name."""
+    patcher = tiny.tiny_sd15_patcher(0, full_layout=True)  # SD1.5's layout: 4 levels of 2 resnets
+    adapter = adapters.adapter_for(patcher)
+    expected = {"down_blocks.0": "input_blocks.3", "down_blocks.2": "input_blocks.9", "down_blocks.3": "input_blocks.11",
+                "mid_block": "middle_block", "up_blocks.0": "output_blocks.2", "up_blocks.1": "output_blocks.5",
+                "up_blocks.2": "output_blocks.8", "up_blocks.3": "output_blocks.11"}
+    for diffusers_name, comfy_name in expected.items():
+        site = adapter.resolve(patcher, Site(family="sd15", block=diffusers_name, stream="residual"))
+        assert site.block == comfy_name
+    with pytest.raises(DictionaryError, match="4 levels"):
+        adapter.resolve(patcher, Site(family="sd15", block="up_blocks.4", stream="residual"))

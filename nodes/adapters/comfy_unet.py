@@ -47,6 +47,9 @@ ends at ``output_blocks.{3 j + 2}``: up_ft1 = ``output_blocks.5:residual``, up_f
 """
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from typing import Any, Mapping, Optional
 
 import torch
@@ -222,6 +225,34 @@ def is_unet(model_patcher: Any) -> bool:
     return type(diffusion_model(model_patcher)) is UNetModel
 
 
+_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)$|^mid_block$")
+
+
+def comfy_block_name(block: str, net: nn.Module) -> str:
+    """A diffusers U-Net block name (``down_blocks.1``, ``mid_block``, ``up_blocks.1``) as the ComfyUI block
+    whose output is the same tensor; other names are returned as they are.
+
+    A diffusers down block ends with its downsampler (ComfyUI's separate input block after the level's
+    resnets), except the last level's; an up block ends with its last resnet (+ attention + upsampler),
+    ComfyUI's last output block of the level. With SD 1.5's layout (2 resnets per level, 4 levels):
+    ``up_blocks.1`` -> ``output_blocks.5`` (Revelio's up_ft1), ``down_blocks.0`` -> ``input_blocks.3``.
+    So a dictionary trained headless on a diffusers U-Net is used in ComfyUI by its own site name.
+    """
+    match = _DIFFUSERS_BLOCK.match(block)
+    if match is None:
+        return block
+    if block == "mid_block":
+        return "middle_block"
+    per_level = list(getattr(net, "num_res_blocks", []))
+    level = int(match.group(2))
+    if not 0 <= level < len(per_level):
+        raise DictionaryError(f"{block}: this U-Net has {len(per_level)} levels (down_blocks/up_blocks.0-{len(per_level) - 1})")
+    if match.group(1) == "down_blocks":
+        last_level = level == len(per_level) - 1
+        return f"input_blocks.{sum(per_level[: level + 1]) + level + (0 if last_level else 1)}"
+    return f"output_blocks.{sum(n + 1 for n in per_level[::-1][: level + 1]) - 1}"
+
+
 class UNetAdapter(ComfyAdapter):
     """Sites on ComfyUI's SD1.5 / SDXL U-Net blocks (see the module docstring)."""
 
@@ -250,6 +281,13 @@ class UNetAdapter(ComfyAdapter):
                 names.append((name, "update", last))
         return sites(family, names)
 
+    def resolve(self, model_patcher: Any, site: Site) -> Site:
+        """As for every adapter, after translating diffusers block names (see :func:`comfy_block_name`)."""
+        block = comfy_block_name(site.block, diffusion_model(model_patcher))
+        if block != site.block:
+            site = dataclasses.replace(site, block=block)
+        return super().resolve(model_patcher, site)
+
     def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
         """A clone of ``model_patcher`` running ``site_functions`` at their sites (the input is untouched)."""
         plan = self.plan(model_patcher, site_functions)
@@ -274,4 +312,4 @@ def revelio_site(name: str, model_patcher: Any = None) -> Site:
     return site
 
 
-__all__ = ["REVELIO_BLOCKS", "SiteLayer", "UNetAdapter", "is_unet", "revelio_site", "site_layer_handler"]
+__all__ = ["REVELIO_BLOCKS", "SiteLayer", "UNetAdapter", "comfy_block_name", "is_unet", "revelio_site", "site_layer_handler"]
