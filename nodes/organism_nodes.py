@@ -25,8 +25,8 @@ Sampling: Flux is rectified flow with sigma == t (no shift): ``model_base.Flux``
 ``ModelSamplingDiscreteFlow``, as FLUX.1-schnell (``ModelSamplingFlux``'s ``shift`` is an exponent:
 ``shift=1.0`` there would NOT be the identity). The network gets ``timesteps = sigma`` (diffusers'
 transformer also gets sigma and multiplies by 1000 inside, as ComfyUI's ``time_factor`` does). The
-U-Net is SD1.5's discrete epsilon sampling (ComfyUI's "linear" schedule is diffusers'
-"scaled_linear", betas 0.00085..0.012 over 1000 steps). The latent format has 4 channels, scale 1 and
+U-Net is SD1.5's discrete schedule (ComfyUI's "linear" is diffusers' "scaled_linear", betas
+0.00085..0.012 over 1000 steps) rescaled to zero terminal SNR (``zsnr``), with v-prediction. The latent format has 4 channels, scale 1 and
 shift 0: the latent IS the image, ``pixel_unshuffle(2)`` of the 32x32 picture in [-1, 1].
 
 U-Net block names (verified by shapes and values against diffusers in the tests): ComfyUI numbers
@@ -125,11 +125,14 @@ def comfy_classes() -> SimpleNamespace:
             return comfy.model_base.Flux(self, model_type=comfy.model_base.ModelType.FLOW, device=device)
 
     class OrganismSD15(comfy.supported_models.SD15):
-        """The U-Net organism: SD1.5's epsilon prediction and beta schedule, 4 heads from config.json."""
+        """The U-Net organism: SD1.5's betas at zero terminal SNR, v-prediction, 4 heads from config.json."""
 
         organism_family = "unet"
         unet_extra_config = {}  # SD15's would force 8 heads; ours come from config.json
-        sampling_settings = dict(SD15_BETAS)
+        sampling_settings = dict(SD15_BETAS, zsnr=True)
+
+        def model_type(self, state_dict, prefix=""):
+            return comfy.model_base.ModelType.V_PREDICTION
         latent_format = OrganismLatentFormat
         supported_inference_dtypes = [torch.float32]
 

@@ -1,7 +1,7 @@
 """Training the organisms: the recipe, written so that a killed run resumes where it stopped.
 
 Flux: rectified flow, ``x_t = (1 - t) x_0 + t eps`` with ``t`` logit-normal (SD3's choice), the
-transformer predicting ``eps - x_0``. U-Net: DDPM epsilon prediction at uniform timesteps. Both:
+transformer predicting ``eps - x_0``. U-Net: DDPM v-prediction at uniform timesteps, zero terminal SNR. Both:
 AdamW, linear warm-up then cosine decay, 10% of captions dropped to the empty prompt (so guidance
 works), gradient clipping at 1, and an exponential moving average of the weights, which is what is
 saved. A checkpoint (weights, EMA, optimiser, RNG, step) is written atomically every
@@ -67,14 +67,14 @@ def _unet_loss(model, x0: Tensor, tokens: Tensor, alphas_cumprod: Tensor, gen: t
     a = alphas_cumprod[t].to(x0.device).view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     pred = model(xt, t.to(x0.device), encoder_hidden_states=tokens, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred, noise)
+    return torch.nn.functional.mse_loss(pred, a.sqrt() * noise - (1 - a).sqrt() * x0)
 
 
 def ddpm_alphas_cumprod() -> Tensor:
-    """SD 1.5's scaled-linear schedule, as DDPMScheduler builds it from DDPM_CONFIG."""
-    c = DDPM_CONFIG
-    betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"], dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    """The training schedule, as diffusers' DDPMScheduler builds it from DDPM_CONFIG."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**DDPM_CONFIG).alphas_cumprod.float()
 
 
 def _save(path: Path, payload: dict) -> None:
