@@ -21,9 +21,11 @@ killed, and training wants them in random order. Hence three pieces:
   shards in a random order and mixes tokens in a rolling shuffle buffer of
   ``buffer_tokens`` vectors (tokens of one image are highly correlated, so
   shard-order shuffling alone is not enough). Pass ``i`` of a reader is a pure
-  function of ``(seed, i)``: epochs differ, and a fresh reader replays the same
-  sequence, which is what lets training resume exactly by re-reading and
-  skipping the batches it had consumed.
+  function of ``(seed, i, rank)``: epochs differ, and a fresh reader replays the
+  same sequence, which is what lets training resume exactly by re-reading and
+  skipping the batches it had consumed. For data-parallel training
+  (``torchrun``) each process opens the directory with its ``rank`` and
+  ``world_size`` and reads only its own shards.
 
 Shard layout: tensors ``activations (N, d)`` (float16, bfloat16 or float32),
 ``sample_id (N,) int64`` (which generated image / real image), ``token (N,)
@@ -384,17 +386,33 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _pass_seed(seed: int, index: int, rank: int) -> int:
+    """The random seed of pass ``index`` of ``rank``: distinct per rank, and rank 0's is
+    that of a single reader (so one process reads as it always did)."""
+    base = seed * 1_000_003 + index
+    if rank == 0:
+        return base
+    return (base + rank * 0x9E3779B97F4A7C15) % 2**64  # golden-ratio stride: ranks far apart
+
+
 class ShardReader:
     """Batches ``{"activations", "sample_id", "token", "timestep"}`` from a shard directory.
 
     Re-iterable: each ``iter()`` starts the reader's next pass (0, 1, 2...), and
-    pass ``i`` depends only on ``(seed, i)`` (see :meth:`iter_pass`), so a fresh
-    reader replays a training run's data exactly. ``shuffle``: random shard
+    pass ``i`` depends only on ``(seed, i, rank)`` (see :meth:`iter_pass`), so a
+    fresh reader replays a training run's data exactly. ``shuffle``: random shard
     order and a rolling shuffle buffer of ``buffer_tokens`` vectors; otherwise
     shard order and token order as written. ``drop_last`` (default True) skips
     the final partial batch of a pass, as equal batch sizes keep training
     losses comparable; pass False to read every vector. Activations keep their
     stored dtype.
+
+    ``rank`` / ``world_size``: data-parallel reading. Process ``rank`` reads the
+    shards whose position in the manifest is ``rank`` modulo ``world_size``, so
+    processes see disjoint data, and shuffles them with its own random stream
+    (rank 0 shuffles exactly as a single reader with the same seed).
+    :attr:`n_tokens` is this process's share, :attr:`total_tokens` the
+    directory's. A directory needs at least ``world_size`` shards.
     """
 
     def __init__(
@@ -405,19 +423,34 @@ class ShardReader:
         seed: int = 0,
         buffer_tokens: int = 262144,
         drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1:
             raise DictionaryError(f"batch_size={batch_size}: a batch needs at least one vector")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DictionaryError(f"rank={rank}, world_size={world_size}: a rank counts from 0 to world_size - 1")
         self.directory = Path(directory)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.buffer_tokens = int(buffer_tokens)
         self.drop_last = drop_last
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self._manifest = _read_manifest(self.directory)
-        if drop_last and self.n_tokens < self.batch_size:
+        n_shards = len(self._manifest["shards"])
+        if n_shards < self.world_size:
             raise DictionaryError(
-                f"{self.directory} holds {self.n_tokens} vectors, fewer than one batch of {self.batch_size}: "
+                f"{self.directory} holds {n_shards} shard{'s' if n_shards != 1 else ''}, fewer than the "
+                f"{self.world_size} processes reading it (each reads whole shards): capture with a smaller shard "
+                "size (--shard-tokens) or use fewer processes"
+            )
+        self._shards = self._manifest["shards"][self.rank::self.world_size]
+        if drop_last and self.n_tokens < self.batch_size:
+            where = f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+            raise DictionaryError(
+                f"{self.directory} holds {self.n_tokens} vectors{where}, fewer than one batch of {self.batch_size}: "
                 "lower batch_size or capture more"
             )
         self._passes = 0
@@ -432,6 +465,12 @@ class ShardReader:
 
     @property
     def n_tokens(self) -> int:
+        """Vectors this reader reads per pass (this rank's share of the directory)."""
+        return sum(int(s["tokens"]) for s in self._shards)
+
+    @property
+    def total_tokens(self) -> int:
+        """Vectors in the whole directory, over all ranks."""
         return int(self._manifest["n_tokens"])
 
     @property
@@ -448,9 +487,9 @@ class ShardReader:
         return self.iter_pass(index)
 
     def iter_pass(self, index: int) -> Iterator[Rows]:
-        """Pass ``index`` over the data, the same every time it is asked for."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        shards = self._manifest["shards"]
+        """Pass ``index`` over this rank's data, the same every time it is asked for."""
+        gen = torch.Generator().manual_seed(_pass_seed(self.seed, index, self.rank))
+        shards = self._shards
         order = torch.randperm(len(shards), generator=gen).tolist() if self.shuffle else range(len(shards))
         capacity = max(self.buffer_tokens, self.batch_size)
         pool: Optional[Rows] = None

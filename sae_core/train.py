@@ -10,7 +10,22 @@ reconstructs badly. Both share what a long job needs:
 * batches with NaN or inf are rejected, counted and logged, never trained on;
 * checkpoints every N steps, written atomically; rerunning with the same
   ``checkpoint_dir`` resumes and gives the same result as an uninterrupted run;
-* progress through a callback (tqdm in the CLI, ComfyUI's ProgressBar in nodes).
+* progress through a callback (tqdm in the CLI, ComfyUI's ProgressBar in nodes);
+* data-parallel SAE training under ``torchrun`` (see :mod:`sae_core.distributed`).
+
+Data parallel: when a ``torch.distributed`` process group of several processes
+is up, every process trains on its own data (e.g. ``ShardReader(..., rank=r,
+world_size=n)``) with DDP semantics. The dictionary is built on each process
+from its own first batches and then replaced by rank 0's, so rank 0's init
+sample defines the normalisation and ``b_dec``. Each step averages the
+gradients over the processes before clipping (one all-reduce of a flat bucket
+that also carries the firing counts, the BatchTopK batch threshold and the
+logged metrics), so every process holds the same dictionary, optimiser, dead
+latent mask and history. A batch with NaN or inf on any process makes every
+process skip that step (each counts it as rejected). Only rank 0 writes
+checkpoints while the others wait; on resume every process loads the same
+checkpoint (``checkpoint_dir`` must be on a filesystem they share) and skips
+the same number of its own batches. ITDA grows its dictionary on one process.
 """
 from __future__ import annotations
 
@@ -26,6 +41,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from . import distributed
 from .atomic import save_safetensors_atomic
 from .errors import DictionaryError
 from .itda import ITDA
@@ -264,12 +280,19 @@ def train_dictionary(
 
     With ``checkpoint_dir`` the run checkpoints every ``config.checkpoint_every``
     steps and, when started again, resumes from the last checkpoint.
+
+    Under an initialised ``torch.distributed`` process group of several
+    processes, trains data-parallel (see the module docstring): every process
+    passes its own ``data`` and gets the same :class:`TrainResult`.
     """
     config = config or TrainConfig()
     if config.kind not in ("topk", "batchtopk", "itda"):
         raise DictionaryError(f"unknown dictionary kind {config.kind!r}; train one of topk, batchtopk, itda")
     if config.total_steps < 1:
         raise DictionaryError(f"total_steps={config.total_steps}: train for at least one step")
+    rank, world = distributed.world()
+    if world > 1 and config.kind == "itda":
+        raise DictionaryError("ITDA grows its dictionary on one process: run it without torchrun")
     device = config.device
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
@@ -278,15 +301,21 @@ def train_dictionary(
     model = None
     if ckpt_path is not None and ckpt_path.exists():
         model, state, tensors = _load_checkpoint(ckpt_path, config, device)
-        log.info("resuming from %s at step %d", ckpt_path, state["step"])
+        if rank == 0:
+            log.info("resuming from %s at step %d", ckpt_path, state["step"])
     state["config"] = config.to_dict()
     resumed_from = state["step"] if model is not None else None
+    if world > 1:
+        _check_same_start(resumed_from, ckpt_path, device)
 
     stream = _Stream(data, config, skip=state["consumed"])
     pending: list[Any] = []
     if model is None:
         sample = _init_sample(data, stream, pending, config)
         model = _build(config, sample, site or Site()).to(device)
+        if world > 1:  # rank 0's init sample defines normalisation and b_dec for all
+            with torch.no_grad():
+                distributed.broadcast_([*model.parameters(), *model.buffers()], src=0)
     torch.manual_seed(config.seed)
     if "rng.cpu" in tensors:
         torch.set_rng_state(tensors["rng.cpu"])
@@ -304,35 +333,77 @@ def train_dictionary(
     start = time.perf_counter()
     while state["step"] < config.total_steps:
         batch = pending.pop(0) if pending else stream.next()
-        if batch is None:
-            log.warning("data exhausted after %d steps (of %d)", state["step"], config.total_steps)
+        x = provenance = None
+        if batch is not None:
+            x, provenance = _batch_tensor(batch)
+            if x.shape[-1] != model.d_in:
+                raise DictionaryError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={model.d_in}; all batches must come from one site")
+        bad = x is not None and not torch.isfinite(x).all()
+        exhausted, rejected = (batch is None, bad) if world == 1 else _agree(batch is None, bad, device)
+        if exhausted:
+            if batch is None:
+                log.warning("data exhausted after %d steps (of %d)%s", state["step"], config.total_steps,
+                            f" on rank {rank}" if world > 1 else "")
+            else:
+                log.info("stopping after %d steps: another rank's data is exhausted", state["step"])
             break
-        x, provenance = _batch_tensor(batch)
-        if x.shape[-1] != model.d_in:
-            raise DictionaryError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={model.d_in}; all batches must come from one site")
-        if not torch.isfinite(x).all():
+        if rejected:
             state["rejected"] += 1
-            log.warning("rejected batch %d: it contains NaN or inf (%d rejected so far)", stream.consumed, state["rejected"])
+            if bad:
+                log.warning("rejected batch %d: it contains NaN or inf (%d rejected so far)%s", stream.consumed,
+                            state["rejected"], f" on rank {rank}; every rank skips this step" if world > 1 else "")
             continue
         x = x.to(device=device, dtype=torch.float32)
         if isinstance(model, ITDA):
             metrics = _itda_step(model, tracker, x, provenance)
         else:
-            metrics = _sae_step(model, optimizer, tracker, x, state, config)
+            metrics = _sae_step(model, optimizer, tracker, x, state, config, world)
         state["step"] += 1
         step = state["step"]
         metrics.update(step=step, rejected_batches=state["rejected"], seconds=round(time.perf_counter() - start, 3))
         if step % config.log_every == 0 or step == config.total_steps:
+            if world > 1:  # the only per-process number: take rank 0's, so that histories agree
+                metrics["seconds"] = _from_rank0(metrics["seconds"], device)
             state["history"].append(metrics)
-            log.info("step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+            if rank == 0:
+                log.info("step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
         state["consumed"] = stream.consumed - len(pending)
         if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == config.total_steps):
-            _save_checkpoint(ckpt_path, model, optimizer, tracker, state)
+            if rank == 0:
+                _save_checkpoint(ckpt_path, model, optimizer, tracker, state)
+            distributed.barrier()  # nobody runs ahead of a checkpoint being written
         if progress is not None:
             progress(step, config.total_steps, metrics)
 
     _finalise(model, tracker, state, config)
     return TrainResult(model, state["history"], state["rejected"], resumed_from)
+
+
+def _check_same_start(resumed_from: int | None, ckpt_path: Path | None, device: str) -> None:
+    """Refuse to train when processes would start from different checkpoints."""
+    step = torch.tensor([-1 if resumed_from is None else resumed_from] * 2, dtype=torch.float64, device=device)
+    step[1].neg_()
+    distributed.all_reduce_max_([step])
+    if float(step[0]) != -float(step[1]):
+        raise DictionaryError(
+            f"the processes found different checkpoints in {ckpt_path.parent if ckpt_path else None} (steps "
+            f"{-float(step[1]):g} to {float(step[0]):g}, -1 for none): put checkpoint_dir on a filesystem that "
+            "every process shares"
+        )
+
+
+def _agree(exhausted: bool, bad: bool, device: str) -> tuple[bool, bool]:
+    """(any process out of data, any process's batch non-finite): every process takes the same branch."""
+    flags = torch.tensor([float(exhausted), float(bad)], device=device)
+    distributed.all_reduce_max_([flags])
+    exhausted, bad = flags.tolist()
+    return bool(exhausted), bool(bad)
+
+
+def _from_rank0(value: float, device: str) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    distributed.broadcast_([t], src=0)
+    return float(t)
 
 
 def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig) -> Tensor:
@@ -370,7 +441,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, model, tensors: dict[st
             }
 
 
-def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tensor, state: dict, config: TrainConfig) -> dict:
+def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tensor, state: dict, config: TrainConfig,
+              world: int = 1) -> dict:
     for group in optimizer.param_groups:
         group["lr"] = (config.lr or default_lr(sae.n_latents)) * _lr_factor(state["step"], config)
     xn = sae.standardizer.normalize(x)
@@ -391,11 +463,10 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
         aux_recon = sparse_decode(enc.aux, sae.W_dec)
         aux_loss = (aux_recon - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
     total = loss + config.auxk_coef * aux_loss
+    if world > 1:
+        return _sae_step_parallel(sae, optimizer, tracker, enc, loss, aux_loss, total, state, config, world)
     if not torch.isfinite(total):
-        raise DictionaryError(
-            f"training diverged at step {state['step']} (loss is {total.item()}); lower the learning rate "
-            "or check the activations; the last checkpoint is untouched"
-        )
+        raise _diverged(state, total.item())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     sae.remove_parallel_decoder_grad_()
@@ -419,6 +490,91 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
         "lr": optimizer.param_groups[0]["lr"],
         "tokens": tracker.tokens,
     }
+
+
+def _diverged(state: dict, loss: float) -> DictionaryError:
+    return DictionaryError(
+        f"training diverged at step {state['step']} (loss is {loss}); lower the learning rate "
+        "or check the activations; the last checkpoint is untouched"
+    )
+
+
+def _sae_step_parallel(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, enc, loss: Tensor, aux_loss: Tensor,
+                       total: Tensor, state: dict, config: TrainConfig, world: int) -> dict:
+    """The rest of :func:`_sae_step` over several processes, with one all-reduce.
+
+    The flat bucket holds the gradients (averaged: DDP semantics), this
+    process's firing counts, activation sums and token count (summed, so every
+    tracker, hence every dead-latent mask, stays the same) and the loss,
+    metrics and BatchTopK batch threshold (averaged)."""
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = list(sae.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    n = tracker.fire_count.shape[0]
+    counts, sums, n_tokens, l0 = _firing_delta(enc.codes, n)
+    threshold = enc.threshold if enc.threshold is not None else torch.zeros(())
+    device = grads[0].device
+    scalars = torch.stack([t.detach().reshape(()).to(device=device, dtype=torch.float32) for t in (
+        total, loss, aux_loss, l0, threshold)])
+    n_tokens = torch.tensor([float(n_tokens)], device=device)
+    bucket = torch.cat([*(g.detach().reshape(-1).float() for g in grads), scalars, counts.to(device),
+                        sums.to(device=device, dtype=torch.float32), n_tokens])
+    distributed.all_reduce_sum_([bucket])
+    offset = 0
+    for p, g in zip(params, grads):
+        size = g.numel()
+        p.grad = bucket[offset:offset + size].view_as(g).to(g.dtype).div_(world)
+        offset += size
+    *means, tokens = torch.cat([bucket[offset:offset + 5].double() / world, bucket[-1:].double()]).tolist()
+    total_mean, fvu, aux_mean, l0, threshold_mean = means
+    tokens = int(round(tokens))
+    offset += 5
+    counts, sums = bucket[offset:offset + n], bucket[offset + n:offset + 2 * n]
+    if not math.isfinite(total_mean):
+        raise _diverged(state, total_mean)
+    sae.remove_parallel_decoder_grad_()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
+    optimizer.step()
+    sae.normalize_decoder_()
+    _apply_firing(tracker, counts, sums, tokens)
+    if enc.threshold is not None:
+        with torch.no_grad():
+            if not state["threshold_initialised"]:
+                sae.threshold.fill_(threshold_mean)
+                state["threshold_initialised"] = True
+            else:
+                m = config.threshold_momentum
+                sae.threshold.mul_(m).add_((1 - m) * threshold_mean)
+    return {
+        "fvu": fvu,
+        "aux_loss": aux_mean,
+        "l0": l0,
+        "dead_fraction": tracker.dead_fraction(config.dead_tokens),
+        "lr": optimizer.param_groups[0]["lr"],
+        "tokens": tracker.tokens,
+    }
+
+
+def _firing_delta(codes, n_latents: int) -> tuple[Tensor, Tensor, int, Tensor]:
+    """What :meth:`FiringTracker.update` would add for ``codes``: per-latent firing counts,
+    activation sums, the token count, plus the batch's mean L0."""
+    values = codes.values.detach().reshape(-1, codes.values.shape[-1])
+    indices = codes.indices.reshape(-1, codes.indices.shape[-1])
+    active = values > 0
+    idx = indices[active]
+    counts = torch.bincount(idx, minlength=n_latents).to(torch.float32)
+    sums = torch.zeros(n_latents, dtype=torch.float64, device=idx.device).index_add_(0, idx, values[active].double())
+    return counts, sums, values.shape[0], active.sum(-1).float().mean()
+
+
+def _apply_firing(tracker: FiringTracker, counts: Tensor, sums: Tensor, tokens: int) -> None:
+    """:meth:`FiringTracker.update` from counts summed over every process's batch."""
+    tracker.fire_count += counts.to(tracker.fire_count.dtype)
+    tracker.activation_sum += sums.to(tracker.activation_sum.dtype)
+    tracker.tokens_since_fired += tokens
+    tracker.tokens_since_fired[counts > 0] = 0
+    tracker.tokens += tokens
 
 
 def _itda_step(itda: ITDA, tracker: FiringTracker, x: Tensor, provenance: dict[str, Tensor]) -> dict:

@@ -279,7 +279,7 @@ def test_training_killed_midway_resumes_and_ends_where_an_unbroken_run_ends(capt
 def test_torchrun_trains_on_two_processes_with_gloo(captured: Path, tmp_path: Path):
     out = tmp_path / "ddp.safetensors"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "training", "train", "--shards", str(captured / "acts" / SITE_DIR), "--k", "8", "--latents", "128",
          "--train-steps", "30", "--batch-size", "256", "--device", "cpu", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
