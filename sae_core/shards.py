@@ -215,7 +215,10 @@ class ShardWriter:
 
     ``dtype``: float16 (default, half the disk; values beyond +-65504 are refused),
     bfloat16 or float32. ``extra``: JSON-able facts stored in the manifest (e.g.
-    prompts), merged over those of an earlier session. Reopening a directory
+    prompts), merged over those of an earlier session. ``whole_adds``: a shard ends
+    only between two :meth:`add` calls (it may then exceed ``shard_tokens``), so a
+    capture that adds one whole sample per call never leaves part of a sample on
+    disk when it is killed. Reopening a directory
     appends to it; it must hold the same site, width and dtype. Use it as a
     context manager or call :meth:`close` to flush the last, partial shard.
     """
@@ -227,12 +230,14 @@ class ShardWriter:
         shard_tokens: int = 65536,
         dtype: torch.dtype = torch.float16,
         extra: Optional[Mapping[str, Any]] = None,
+        whole_adds: bool = False,
     ):
         if shard_tokens < 1:
             raise DictionaryError(f"shard_tokens={shard_tokens}: a shard must hold at least one vector")
         self.directory = Path(directory)
         self.site = Site.from_dict(site.to_dict())
         self.shard_tokens = int(shard_tokens)
+        self.whole_adds = whole_adds
         self.dtype = dtype
         self._dtype_name = _dtype_name(dtype)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -298,7 +303,7 @@ class ShardWriter:
         self._pending_tokens += _n(rows)
         self._max_sample_id = max(self._max_sample_id, int(rows["sample_id"].max()))
         while self._pending_tokens >= self.shard_tokens:
-            self._flush(self.shard_tokens)
+            self._flush(self._pending_tokens if self.whole_adds else self.shard_tokens)
 
     def _to_storage(self, acts: Tensor) -> Tensor:
         if self.dtype == torch.float16 and acts.numel():

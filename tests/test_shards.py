@@ -242,3 +242,13 @@ def test_training_from_shards_resumes_exactly(tmp_path):
     assert resumed.resumed_from_step == 20
     for (name, a), b in zip(full.state_dict().items(), resumed.dictionary.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_whole_adds_end_shards_only_between_adds(tmp_path):
+    """A capture adds one whole sample per call: no shard may hold part of one."""
+    with ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32, whole_adds=True) as writer:
+        for sample in range(5):
+            writer.add(torch.randn(70, D), sample, None, 0.5)
+    reader = ShardReader(tmp_path, batch_size=10**6, shuffle=False, drop_last=False)
+    sizes = [entry["tokens"] for entry in reader._manifest["shards"]]
+    assert sizes == [140, 140, 70] and sum(sizes) == reader.n_tokens

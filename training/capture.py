@@ -131,7 +131,7 @@ def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], ou
     writers: dict[Site, ShardWriter] = {}
     for site in sites:
         where = site_dir(out, site)
-        writer = ShardWriter(where, site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], extra=None)
+        writer = ShardWriter(where, site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
         _check_settings(writer, settings, where)
         writer.extra.update(settings.manifest())
         writers[site] = writer

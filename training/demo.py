@@ -30,19 +30,44 @@ from .steer_grid import steering_grid
 from .substitution import substitution_scores
 
 DEFAULT_SITES = {"organism-flux": "double_blocks.1:image", "organism-unet": "up_blocks.1:residual"}
+TEXT_SITES = {"organism-flux": "double_blocks.1:text"}
+"""Where class flips are measured besides the image site: on the Flux organism the class is carried by the
+text stream; the image tokens' mean barely differs between classes (BENCHMARKS.md)."""
 TARGETS = ("seven", "giraffe")
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(captions=24, held_out=8, sae_steps=300, itda_steps=60, atlas_seeds=1, flip_seeds=1,
-                    profile_seeds=2, strengths=[0.0, 0.5, 1.0], substitution=8, targets=TARGETS[:1])
-    return dict(captions=240, held_out=40, sae_steps=2000, itda_steps=300, atlas_seeds=3, flip_seeds=6,
-                profile_seeds=6, strengths=[0.0, 0.25, 0.5, 1.0, 2.0], substitution=32, targets=TARGETS)
+        return dict(captions=12, held_out=4, sae_steps=200, itda_steps=40, atlas_seeds=1, flip_seeds=1,
+                    profile_seeds=1, strengths=[0.0, 2.0], substitution=4, targets=TARGETS[:1], image_flips=False)
+    return dict(captions=240, held_out=40, sae_steps=2000, itda_steps=300, atlas_seeds=3, flip_seeds=3,
+                profile_seeds=4, strengths=[0.0, 0.5, 1.0, 1.5, 2.0], substitution=32, targets=TARGETS, image_flips=True)
 
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+def _flips(runner, judge, site, dictionaries, profiles, target_name: str, prompts, sizes, seed: int):
+    """Flip rates to one target class from the other classes of its domain (digits or animals)."""
+    target = CLASSES.index(target_name)
+    domain = range(len(DIGITS)) if target < len(DIGITS) else range(len(DIGITS), len(DIGITS) + len(ANIMALS))
+    features = {kind: specific_feature(p.feature_means, target, list(domain)) for kind, p in profiles.items()}
+    acts = profiles["topk"].activation_means
+    sources = [c for c in domain if c != target]
+    directions = {f"topk feature {features['topk']}": dictionaries["topk"].direction(features["topk"]),
+                  f"itda atom {features['itda']}": dictionaries["itda"].direction(features["itda"]),
+                  "diff of means": acts[target] - acts[sources].mean(0),
+                  "random": random_direction(int(site.extra["d"]), seed + target)}
+    seeds = [seed + 4000 + i for i in range(sizes["flip_seeds"])]
+    rows = flip_rates(runner, judge, site, directions, prompts, sources, target, sizes["strengths"], seeds)
+    _say(f"[flip] at {site.name} to '{target_name}' ({len(sources) * len(seeds)} samples per setting; "
+         "flip rate, then in brackets the share still showing the prompted class):")
+    _say("  " + f"{'direction':<22}" + "".join(f"{s:>13g}" for s in sizes["strengths"]))
+    for name in directions:
+        cells = [f"{r['flip_rate']:.2f} ({r['kept_prompt_class']:.2f})" for r in rows if r["direction"] == name]
+        _say("  " + f"{name:<22}" + "".join(f"{c:>13}" for c in cells))
+    return rows, features
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +77,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     runner = load_runner(args.model)
     site = runner.site(args.site or DEFAULT_SITES[args.model])
-    summary: dict[str, Any] = {"model": args.model, "site": site.name, "quick": bool(args.quick)}
+    sites = [site] + ([runner.site(TEXT_SITES[args.model])] if args.model in TEXT_SITES else [])
+    summary: dict[str, Any] = {"model": args.model, "sites": [s.name for s in sites], "quick": bool(args.quick)}
 
     # 1. capture: training prompts are the organism's own captions; held-out prompts are others, other seeds
     train_data, _ = organism_data()
@@ -63,21 +89,25 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     (out / "prompts.txt").write_text("\n".join(train_prompts) + "\n")
     for name, prompts, seed in (("train", train_prompts, args.seed), ("held_out", held_prompts, args.seed + 10_000)):
         settings = CaptureSettings(model=args.model, prompts=prompts, images_per_prompt=2, seed=seed)
-        info = capture(runner, settings, [site], out / "activations" / name, shard_tokens=16384)
-        _say(f"[capture] {name}: {info[site.name]['tokens']} vectors at {site.name} -> {info[site.name]['directory']}")
-    shards = site_dir(out / "activations" / "train", site)
+        info = capture(runner, settings, sites, out / "activations" / name, shard_tokens=16384)
+        for s in sites:
+            _say(f"[capture] {name}: {info[s.name]['tokens']} vectors at {s.name} -> {info[s.name]['directory']}")
 
-    # 2. train: a TopK SAE (8x wide, k=8) and an ITDA dictionary (target L0 8)
-    d = int(site.extra["d"])
-    dictionaries = {}
-    for kind, steps in (("topk", sizes["sae_steps"]), ("itda", sizes["itda_steps"])):
-        config = TrainConfig(kind=kind, k=8, n_latents=8 * d, total_steps=steps, batch_size=1024, warmup_steps=50,
-                             loss_threshold=0.35, seed=args.seed, checkpoint_every=250, dead_tokens=200_000)
-        reader = ShardReader(shards, batch_size=1024, seed=args.seed)
-        result = train_dictionary(reader, config, site=site, checkpoint_dir=out / f"{kind}.checkpoint")
-        save_dictionary(result.dictionary, out / f"{kind}.safetensors")
-        dictionaries[kind] = result.dictionary
-        _say(f"[train] {kind}: {result.dictionary.n_latents} latents -> {out / f'{kind}.safetensors'}")
+    # 2. train: a TopK SAE (8x wide, k=8) and an ITDA dictionary (target L0 8) per site
+    trained: dict[str, dict[str, Any]] = {}
+    for s in sites:
+        trained[s.name] = {}
+        for kind, steps in (("topk", sizes["sae_steps"]), ("itda", sizes["itda_steps"])):
+            config = TrainConfig(kind=kind, k=8, n_latents=8 * int(s.extra["d"]), total_steps=steps, batch_size=1024,
+                                 warmup_steps=50, loss_threshold=0.35, seed=args.seed, checkpoint_every=250,
+                                 dead_tokens=200_000)
+            reader = ShardReader(site_dir(out / "activations" / "train", s), batch_size=1024, seed=args.seed)
+            stem = f"{kind}_{s.name.replace(':', '-')}"
+            result = train_dictionary(reader, config, site=s, checkpoint_dir=out / f"{stem}.checkpoint")
+            save_dictionary(result.dictionary, out / f"{stem}.safetensors")
+            trained[s.name][kind] = result.dictionary
+            _say(f"[train] {kind} at {s.name}: {result.dictionary.n_latents} latents -> {out / f'{stem}.safetensors'}")
+    dictionaries = trained[site.name]
 
     # 3. eval: held-out activations and reconstruction-substituted generation
     classifier = load_classifier()
@@ -85,16 +115,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     def judge(images: torch.Tensor) -> torch.Tensor:
         return classify(classifier, images[:, :1] * 2 - 1)[0]
 
+    summary["eval"] = {}
+    for s in sites[1:]:
+        held = ShardReader(site_dir(out / "activations" / "held_out", s), batch_size=4096, shuffle=False, drop_last=False)
+        x = torch.cat([b["activations"] for b in held]).float()
+        summary["eval"][s.name] = {kind: {k: round(v, 4) for k, v in evaluate(d, x).items()} for kind, d in trained[s.name].items()}
     held = ShardReader(site_dir(out / "activations" / "held_out", site), batch_size=4096, shuffle=False, drop_last=False)
     x = torch.cat([b["activations"] for b in held]).float()
-    summary["eval"] = {}
     sub_prompts = [class_prompt(c) for c in range(len(CLASSES))][: sizes["substitution"]]
     sub_prompts = (sub_prompts * 2)[: sizes["substitution"]]
     for kind, dictionary in dictionaries.items():
         metrics = {k: round(v, 4) for k, v in evaluate(dictionary, x).items()}
         scores, images = substitution_scores(runner, dictionary, site, sub_prompts,
                                              [args.seed + 500 + i for i in range(len(sub_prompts))], judge)
-        summary["eval"][kind] = {"held_out": metrics, "substitution": scores, "latents": dictionary.n_latents}
+        summary["eval"].setdefault(site.name, {})[kind] = {"held_out": metrics, "substitution": scores,
+                                                          "latents": dictionary.n_latents}
         shown = min(10, len(sub_prompts))
         image_grid(images[:, :shown], ["original", "substituted", "mean-ablated"], [str(i) for i in range(shown)],
                    f"{kind}: reconstruction substituted at {site.name}").save(out / f"{kind}_substitution.png")
@@ -107,37 +142,27 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                         images_per_prompt=sizes["atlas_seeds"], seed=args.seed + 2000, top_m=6, n_features=64)
     _say(f"[atlas] {index}")
 
-    # 5 + 6. class-specific features, a steering grid, and flip rates against the controls
+    # 5 + 6. class-specific features, a steering grid, and flip rates against the controls, per site
     prompts = [class_prompt(c) for c in range(len(CLASSES))]
     profile_seeds = [args.seed + 3000 + i for i in range(sizes["profile_seeds"])]
-    profiles = profile_classes(runner, dictionaries, site, prompts, profile_seeds)
+    flip_sites = sites[1:] + (sites[:1] if sizes["image_flips"] or len(sites) == 1 else [])
+    targets = {s.name: sizes["targets"] if s is not site or len(sites) == 1 else sizes["targets"][:1] for s in flip_sites}
     summary["flip"] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
-    for target_name in sizes["targets"]:
-        target = CLASSES.index(target_name)
-        domain = range(len(DIGITS)) if target < len(DIGITS) else range(len(DIGITS), len(DIGITS) + len(ANIMALS))
-        features = {kind: specific_feature(p.feature_means, target, list(domain)) for kind, p in profiles.items()}
-        acts = profiles["topk"].activation_means
-        others = [c for c in domain if c != target]
-        directions = {f"topk feature {features['topk']}": dictionaries["topk"].direction(features["topk"]),
-                      f"itda atom {features['itda']}": dictionaries["itda"].direction(features["itda"]),
-                      "diff of means": acts[target] - acts[others].mean(0),
-                      "random": random_direction(d, args.seed + target)}
-        sources = [c for c in domain if c != target]
-        seeds = [args.seed + 4000 + i for i in range(sizes["flip_seeds"])]
-        rows = flip_rates(runner, judge, site, directions, prompts, sources, target, sizes["strengths"], seeds)
-        summary["flip"][target_name] = {"features": features, "rows": rows}
-        for row in rows:
-            curves.setdefault(f"{target_name}: {row['direction'].split(' ')[0]}", []).append((row["strength"], row["flip_rate"]))
-        grid = steering_grid(runner, dictionaries["topk"], site, prompts[sources[0]], args.seed, [features["topk"]],
-                             sizes["strengths"], [None, (0.0, 0.3), (0.3, 1.0)])
-        grid.save(out / f"steer_{target_name}.png")
-        _say(f"[steer] grid for '{target_name}' -> {out / f'steer_{target_name}.png'}")
-        _say(f"[flip] to '{target_name}' ({len(sources) * len(seeds)} samples per setting):")
-        _say("  " + f"{'direction':<22}" + "".join(f"{s:>8g}" for s in sizes["strengths"]))
-        for name in directions:
-            rates = [r["flip_rate"] for r in rows if r["direction"] == name]
-            _say("  " + f"{name:<22}" + "".join(f"{r:>8.2f}" for r in rates))
+    for s in flip_sites:
+        profiles = profile_classes(runner, trained[s.name], s, prompts, profile_seeds)
+        for target_name in targets[s.name]:
+            rows, features = _flips(runner, judge, s, trained[s.name], profiles, target_name, prompts, sizes, args.seed)
+            summary["flip"][f"{s.name} -> {target_name}"] = {"features": features, "rows": rows}
+            for row in rows:
+                label = f"{target_name} @ {s.stream}: {row['direction'].split(' ')[0]}"
+                curves.setdefault(label, []).append((row["strength"], row["flip_rate"]))
+            if s is site:
+                source = CLASSES.index(target_name) - 1
+                grid = steering_grid(runner, dictionaries["topk"], site, prompts[source], args.seed, [features["topk"]],
+                                     sizes["strengths"], [None, (0.0, 0.3), (0.3, 1.0)])
+                grid.save(out / f"steer_{target_name}.png")
+                _say(f"[steer] grid for '{target_name}' -> {out / f'steer_{target_name}.png'}")
     line_chart(curves, "class flip rate vs steering strength (x mean token norm)").save(out / "flip_rates.png")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
