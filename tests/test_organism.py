@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -113,3 +114,17 @@ def test_organism_training_resumes_after_a_stop_exactly(dataset, tmp_path: Path)
     resumed = fit(small, config, tmp_path / "stopped")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_organism_command_rebuilds_a_loadable_pipeline_folder(tmp_path: Path):
+    from training.__main__ import main
+
+    out = tmp_path / "weights"
+    assert main(["organism", "--kinds", "flux", "--train-steps", "2", "--batch-size", "4", "--skip-classifier",
+                 "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    record = json.loads((out / "flux_training.json").read_text())
+    assert record["config"]["steps"] == 2 and record["history"][-1]["step"] == 2
+    assert (out / "flux_samples.png").exists()
+    runner = load_runner(str(out / "flux"))
+    assert runner.kind == "OrganismFluxPipeline"
+    assert runner.generate(["a handwritten one"], seeds=[0]).shape == (1, 1, 32, 32)

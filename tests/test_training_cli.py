@@ -55,7 +55,7 @@ def captured(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("capture")
     (out / "p.txt").write_text("a handwritten seven\na silhouette of a cat\nthe digit two, thin handwritten\n")
     assert main(["capture", "--prompts", str(out / "p.txt"), "--sites", SITE, "single_blocks.0:image",
-                 "--images-per-prompt", "2", "--out", str(out / "acts")]) == 0
+                 "--images-per-prompt", "2", "--shard-tokens", "2560", "--out", str(out / "acts")]) == 0
     return out
 
 
@@ -239,7 +239,9 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
 def test_a_capture_killed_midway_continues_when_rerun(prompts: Path, tmp_path: Path):
     args = ["capture", "--prompts", str(prompts), "--sites", SITE, "--images-per-prompt", "3",
             "--shard-tokens", "1280", "--batch-size", "1"]
-    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    # The reference runs in its own process too: this test process may hold ComfyUI, whose import
+    # changes torch's numerics settings, so only process-to-process results compare bit for bit.
+    assert run_cli(*args, "--out", str(tmp_path / "clean")).returncode == 0
     killed = tmp_path / "killed" / SITE_DIR
     process = subprocess.Popen([sys.executable, "-m", "training", *args, "--out", str(tmp_path / "killed")], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -360,7 +360,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     org = add("organism", "rebuild the model organism: Flux and U-Net denoisers and the classifier", cmd_organism)
     org.add_argument("--kinds", nargs="+", default=["flux", "unet"], choices=["flux", "unet"])
-    org.add_argument("--train-steps", type=int, default=2000)
+    org.add_argument("--train-steps", type=int, default=1400)
     org.add_argument("--batch-size", type=int, default=128)
     org.add_argument("--lr", type=float, default=1e-3)
     org.add_argument("--out", default=None, help="default: training/organism/weights (the committed organism)")
