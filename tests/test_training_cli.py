@@ -289,3 +289,18 @@ def test_torchrun_trains_on_two_processes_with_gloo(captured: Path, tmp_path: Pa
     assert "rank 0 of 2" in result.stdout
     assert result.stdout.count("dictionary written to") == 1
     assert load_dictionary(out).n_latents == 128
+
+
+def test_a_dictionary_used_at_a_site_of_another_width_is_refused(captured: Path, tmp_path: Path, capsys):
+    dictionary = tmp_path / "topk.safetensors"
+    assert main(["train", "--shards", str(captured / "acts" / SITE_DIR), "--k", "4", "--latents", "64",
+                 "--train-steps", "3", "--batch-size", "256", "--out", str(dictionary)]) == 0
+    assert main(["steer", "--dictionary", str(dictionary), "--prompt", "a handwritten two", "--features", "1",
+                 "--site", "double_blocks.1:text", "--out", str(tmp_path / "s.png")]) == 0  # same width: fine
+    wide = tmp_path / "wide.safetensors"
+    from sae_core import SparseAutoencoder, Site, save_dictionary
+
+    save_dictionary(SparseAutoencoder(256, 64, 4, site=Site("flux", "double_blocks.1", "image")), wide)
+    assert main(["steer", "--dictionary", str(wide), "--prompt", "a handwritten two", "--features", "1",
+                 "--out", str(tmp_path / "w.png")]) == 2
+    assert "256" in capsys.readouterr().err

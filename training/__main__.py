@@ -129,6 +129,15 @@ def _runner(args: argparse.Namespace):
     return load_runner(args.model, device=args.device)
 
 
+def _site_for(runner, dictionary: Any, name: Optional[str]) -> Any:
+    """The model's site a dictionary acts at (``name``, else its own); their widths must agree."""
+    from sae_core import check_site_width
+
+    site = runner.site(name or dictionary.site.name)
+    check_site_width(dictionary, int(site.extra["d"]), site.name)
+    return site
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     from .capture import CaptureSettings, capture
     from .prompts import read_prompts
@@ -254,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .substitution import substitution_scores
 
         runner = _runner(args)
-        site = runner.site(args.site or dictionary.site.name)
+        site = _site_for(runner, dictionary, args.site)
         prompts = read_prompts(args.prompts)[: args.samples]
         scores, images = substitution_scores(runner, dictionary, site, prompts, [args.seed + i for i in range(len(prompts))],
                                              _classifier_for(runner))
@@ -279,7 +288,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     runner = _runner(args)
     dictionary = load_dictionary(args.dictionary)
-    site = runner.site(args.site or dictionary.site.name)
+    site = _site_for(runner, dictionary, args.site)
     prompts = read_prompts(args.prompts)
     index = build_atlas(runner, dictionary, site, prompts, Path(args.out), images_per_prompt=args.images_per_prompt,
                         seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features)
@@ -295,7 +304,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     runner = _runner(args)
     dictionary = load_dictionary(args.dictionary)
-    site = runner.site(args.site or dictionary.site.name)
+    site = _site_for(runner, dictionary, args.site)
     for f in args.features:
         if not 0 <= f < dictionary.n_latents:
             raise DictionaryError(f"feature {f} does not exist: the dictionary has {dictionary.n_latents} features")
