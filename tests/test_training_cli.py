@@ -304,3 +304,27 @@ def test_a_dictionary_used_at_a_site_of_another_width_is_refused(captured: Path,
     assert main(["steer", "--dictionary", str(wide), "--prompt", "a handwritten two", "--features", "1",
                  "--out", str(tmp_path / "w.png")]) == 2
     assert "256" in capsys.readouterr().err
+
+
+def test_real_images_are_captured_once_per_noise_level_and_resume(tmp_path: Path, capsys):
+    from training.organism.data import mnist_digits
+
+    digits, _ = mnist_digits()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(digits[i]).save(folder / f"digit_{i}.png")
+    (folder / "notes.txt").write_text("not an image, skipped")
+    args = ["capture", "--images", str(folder), "--sites", SITE, "--image-levels", "0.3", "0.7", "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    rows = all_rows(tmp_path / "a" / SITE_DIR)
+    assert rows["sample_id"].tolist() == [0] * 128 + [1] * 128 + [2] * 128
+    assert len(rows["timestep"].unique()) == 2
+    assert main(args) == 0  # a rerun finds everything captured and adds nothing
+    assert all_rows(tmp_path / "a" / SITE_DIR)["sample_id"].shape[0] == 3 * 2 * 64
+
+    (folder / "digit_3.png").write_bytes(b"garbage, not a png")
+    assert main([*args[:-1], str(tmp_path / "b")]) == 2
+    assert "digit_3.png is not a readable image" in capsys.readouterr().err
+    assert main(["capture", "--images", str(tmp_path / "nowhere"), "--sites", SITE]) == 2
+    assert "image folder" in capsys.readouterr().err

@@ -150,6 +150,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if not args.sites:
         raise DictionaryError("name at least one site with --sites (see --list-sites)")
     sites = [runner.site(name) for name in args.sites]
+    if args.images:
+        from .capture import capture_images
+
+        summary = capture_images(runner, Path(args.images), sites, Path(args.out), levels=args.image_levels,
+                                 prompt=args.image_prompt, seed=args.seed, shard_tokens=args.shard_tokens, dtype=args.dtype)
+        for name, info in summary.items():
+            say(f"{name}: {info['tokens']} vectors in {info['directory']}")
+        return 0
+    if not args.prompts:
+        raise DictionaryError("capture needs --prompts FILE (generate) or --images FOLDER (real images)")
     prompts = read_prompts(args.prompts)
     settings = CaptureSettings(model=args.model, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
                                steps=args.sample_steps, guidance=args.guidance, window=_window(args.window),
@@ -379,6 +389,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     cap = add("capture", "generate from prompts and store site activations as shards", cmd_capture)
     _model_options(cap)
     cap.add_argument("--prompts", help="text file, one prompt per line")
+    cap.add_argument("--images", help="a folder of real images instead of prompts (Revelio's route; organism pipelines)")
+    cap.add_argument("--image-levels", type=float, nargs="+", default=[0.5],
+                     help="noise levels for --images, as sampling progress of a 20-step schedule (0 = pure noise)")
+    cap.add_argument("--image-prompt", default="", help="the prompt real images are denoised with (default: none)")
     cap.add_argument("--sites", nargs="+", help="site names, e.g. double_blocks.1:image (see --list-sites)")
     cap.add_argument("--list-sites", action="store_true", help="print the model's sites and exit")
     cap.add_argument("--window", nargs=2, type=float, metavar=("START", "END"),

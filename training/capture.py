@@ -163,3 +163,48 @@ def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], ou
             raise DictionaryError(f"no activations were captured at {site.name}: is the window {settings.window} "
                                   "outside the sampling schedule?")
     return summary
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The folder's pictures in name order; a clear error when there is no folder or no picture."""
+    if not folder.is_dir():
+        raise DictionaryError(f"image folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DictionaryError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def capture_images(runner: Runner, folder: Path, sites: Sequence[Site], out: Path, *, levels: Sequence[float] = (0.5,),
+                   prompt: str = "", seed: int = 0, shard_tokens: int = 65536, dtype: str = "float16",
+                   progress: bool = True) -> dict[str, Any]:
+    """Revelio's route: real images noised to each of ``levels`` (sampling progress of a 20-step schedule),
+    one denoiser pass each, the sites' tokens stored with sample id = the image's index in name order."""
+    files = image_files(folder)
+    settings = {"capture": {"model": runner.name, "images": [p.name for p in files], "levels": list(levels),
+                            "prompt": prompt, "seed": seed}}
+    recorders = {site: Recorder(None, None, True, seed, n_samples=1) for site in sites}
+    writers = {}
+    for site in sites:
+        writer = ShardWriter(site_dir(out, site), site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
+        previous = writer.extra.get("capture")
+        if previous is not None and writer.n_tokens and previous != settings["capture"]:
+            raise DictionaryError(f"{site_dir(out, site)} holds a capture made with other settings: use a new --out")
+        writer.extra.update(settings)
+        writers[site] = writer
+    resume_from = {site: w.next_sample_id for site, w in writers.items()}
+    try:
+        for index in tqdm(range(min(resume_from.values()), len(files)), desc="capture images", unit="image",
+                          disable=not progress):
+            image = runner.load_image(files[index])
+            for level in levels:
+                runner.denoise_once(image, prompt, level, seed + index, recorders)
+            for site, recorder in recorders.items():
+                _write_samples(writers[site], recorder.take(), torch.tensor([index]), resume_from[site])
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return {site.name: {"directory": str(site_dir(out, site)), "tokens": writers[site].n_tokens} for site in sites}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,6 +87,43 @@ class Runner:
                             output_type="pt", callback_on_step_end=state.on_step_end)
         return out.images.float().clamp(0, 1)
 
+    def load_image(self, path: Path) -> Tensor:
+        """A picture as the organism's input: grey, 32x32, in [-1, 1], shape (1, 1, 32, 32)."""
+        self._require_organism("capturing real images")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                grey = image.convert("L").resize((32, 32), Image.BILINEAR)
+        except (OSError, UnidentifiedImageError) as err:
+            raise DictionaryError(f"{path} is not a readable image ({err})") from err
+        return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 127.5 - 1.0)[None, None]
+
+    def denoise_once(self, image: Tensor, prompt: str, progress: float, seed: int,
+                     site_functions: Mapping[Site, SiteFunction]) -> None:
+        """One denoiser pass on ``image`` noised to where a 20-step sampling stands at ``progress`` (0..1)."""
+        self._require_organism("capturing real images")
+        from .organism.models import to_latent
+
+        pipe, scheduler = self.pipe, self.pipe.scheduler
+        scheduler.set_timesteps(20)
+        index = min(max(int(round(progress * (len(scheduler.timesteps) - 1))), 0), len(scheduler.timesteps) - 1)
+        t = scheduler.timesteps[index]
+        sigma = float(scheduler.sigmas[index])
+        x0 = to_latent(image)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed)))
+        x = (1 - sigma) * x0 + sigma * noise if self.kind == "OrganismFluxPipeline" else x0 + sigma * noise
+        encoded = shared_prompt_encoding(prompt)
+        device = next(self.denoiser.parameters()).device
+        context = {"sigma": sigma, "progress": index / max(len(scheduler.timesteps) - 1, 1), "cond": torch.ones(1)}
+        with torch.no_grad(), attach(self.denoiser, site_functions, context=lambda: context):
+            pipe.predict(pipe.scale_model_input(x, t).to(device), t, encoded.tokens.to(device), encoded.pooled.to(device))
+
+    def _require_organism(self, what: str) -> None:
+        if not self.is_organism:
+            raise DictionaryError(f"{what} is implemented for the organism pipelines here; for SD / Flux checkpoints use "
+                                  "the ComfyUI node 'Capture Activations from Images'")
+
     def initial_noise(self, seed: int) -> Tensor:
         """One sample's starting noise in the shape the pipeline takes ``latents`` in."""
         gen = torch.Generator().manual_seed(int(seed))
@@ -103,6 +141,12 @@ class Runner:
         channels = self.denoiser.config.in_channels
         h = size // pipe.vae_scale_factor
         return torch.randn((1, channels, h, h), generator=gen) * pipe.scheduler.init_noise_sigma
+
+
+def shared_prompt_encoding(prompt: str):
+    from .organism.text import shared_encoder
+
+    return shared_encoder()([prompt])
 
 
 def _organism_folder(name: str) -> Path:
