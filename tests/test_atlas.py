@@ -3,7 +3,6 @@ heatmaps where the feature fired, a page that opens offline) and that it scales 
 import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ denoisers that draw the class they are asked for, as judged by a classifier trai
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import pickle
 from pathlib import Path

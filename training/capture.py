@@ -93,10 +93,11 @@ class Recorder:
         return records
 
 
-def _check_settings(writer: ShardWriter, settings: CaptureSettings, where: Path) -> None:
+def _check_settings(writer: ShardWriter, settings: dict[str, Any], where: Path) -> None:
+    """A non-empty directory captured with other settings is refused: its data would be mixed."""
     previous = writer.extra.get("capture")
-    if previous is not None and writer.n_tokens and previous != settings.manifest()["capture"]:
-        changed = sorted(k for k in previous if previous.get(k) != settings.manifest()["capture"].get(k))
+    if previous is not None and writer.n_tokens and previous != settings:
+        changed = sorted(k for k in {**previous, **settings} if previous.get(k) != settings.get(k))
         raise DictionaryError(f"{where} holds a capture made with other settings ({', '.join(changed)} differ): "
                               "rerun with the same options to resume it, or capture into a new --out folder")
 
@@ -132,7 +133,7 @@ def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], ou
     for site in sites:
         where = site_dir(out, site)
         writer = ShardWriter(where, site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
-        _check_settings(writer, settings, where)
+        _check_settings(writer, settings.manifest()["capture"], where)
         writer.extra.update(settings.manifest())
         writers[site] = writer
     resume_from = {site: w.next_sample_id for site, w in writers.items()}  # sites may stand at different samples
@@ -190,9 +191,7 @@ def capture_images(runner: Runner, folder: Path, sites: Sequence[Site], out: Pat
     writers = {}
     for site in sites:
         writer = ShardWriter(site_dir(out, site), site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
-        previous = writer.extra.get("capture")
-        if previous is not None and writer.n_tokens and previous != settings["capture"]:
-            raise DictionaryError(f"{site_dir(out, site)} holds a capture made with other settings: use a new --out")
+        _check_settings(writer, settings["capture"], site_dir(out, site))
         writer.extra.update(settings)
         writers[site] = writer
     resume_from = {site: w.next_sample_id for site, w in writers.items()}
