@@ -328,3 +328,21 @@ def test_real_images_are_captured_once_per_noise_level_and_resume(tmp_path: Path
     assert "digit_3.png is not a readable image" in capsys.readouterr().err
     assert main(["capture", "--images", str(tmp_path / "nowhere"), "--sites", SITE]) == 2
     assert "image folder" in capsys.readouterr().err
+
+
+def test_a_local_stable_diffusion_folder_is_captured_trained_on_and_steered(tmp_path: Path, prompts: Path):
+    from tiny_diffusers_pipelines import tiny_sd_pipeline_folder
+
+    folder = tiny_sd_pipeline_folder(tmp_path / "models")
+    common = ["--model", str(folder), "--sample-steps", "3"]
+    assert main(["capture", *common, "--prompts", str(prompts), "--sites", "up_blocks.1:residual", "mid_block:residual",
+                 "--out", str(tmp_path / "acts")]) == 0
+    rows = all_rows(tmp_path / "acts" / "up_blocks.1-residual")
+    assert rows["activations"].shape == (3 * 3 * 64, 32)  # 3 prompts x 3 steps x an 8x8 map of 32 channels
+    assert len(rows["timestep"].unique()) == 3 and float(rows["timestep"].max()) > 1  # DDPM sigmas
+    dictionary = tmp_path / "sd.safetensors"
+    assert main(["train", "--shards", str(tmp_path / "acts" / "up_blocks.1-residual"), "--k", "4", "--latents", "64",
+                 "--train-steps", "5", "--batch-size", "64", "--out", str(dictionary)]) == 0
+    assert main(["steer", *common, "--dictionary", str(dictionary), "--prompt", "a cat", "--features", "1",
+                 "--strengths", "0", "1", "--out", str(tmp_path / "steer.png")]) == 0
+    assert Image.open(tmp_path / "steer.png").size[0] > 2 * 96

@@ -132,15 +132,13 @@ class Runner:
 
             return torch.randn((1, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=gen)
         pipe = self.pipe
-        size = pipe.default_sample_size * pipe.vae_scale_factor
         if self.kind == "FluxPipeline":
             channels = self.denoiser.config.in_channels // 4
-            h = 2 * (size // (pipe.vae_scale_factor * 2))
-            noise = torch.randn((1, channels, h, h), generator=gen)
-            return pipe._pack_latents(noise, 1, channels, h, h)
-        channels = self.denoiser.config.in_channels
-        h = size // pipe.vae_scale_factor
-        return torch.randn((1, channels, h, h), generator=gen) * pipe.scheduler.init_noise_sigma
+            h = 2 * (pipe.default_sample_size // 2)
+            return pipe._pack_latents(torch.randn((1, channels, h, h), generator=gen), 1, channels, h, h)
+        # SD / SDXL pipelines scale given latents by the scheduler's init_noise_sigma themselves.
+        size = self.denoiser.config.sample_size
+        return torch.randn((1, self.denoiser.config.in_channels, size, size), generator=gen)
 
 
 def shared_prompt_encoding(prompt: str):
