@@ -60,6 +60,13 @@ def resolve_site(model, name: str):
     for site in sites:
         if site.name == wanted or str(site) == wanted:
             return adapter, site, site_width(adapter, model, site)
+    if ":" in wanted:  # another runtime's name for one of these sites (diffusers' U-Net blocks)
+        block, stream = wanted.rsplit(":", 1)
+        try:
+            site = adapter.resolve(model, Site(family="unknown", block=block, stream=stream))
+            return adapter, site, site_width(adapter, model, site)
+        except DictionaryError:
+            pass  # reported below, with the sites this model has
     raise DictionaryError(f"unknown site {wanted!r} for this model; available sites: "
                           + ", ".join(s.name for s in sites))
 

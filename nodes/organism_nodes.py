@@ -29,14 +29,9 @@ U-Net is SD1.5's discrete schedule (ComfyUI's "linear" is diffusers' "scaled_lin
 0.00085..0.012 over 1000 steps) rescaled to zero terminal SNR (``zsnr``), with v-prediction. The latent format has 4 channels, scale 1 and
 shift 0: the latent IS the image, ``pixel_unshuffle(2)`` of the 32x32 picture in [-1, 1].
 
-U-Net block names (verified by shapes and values against diffusers in the tests): ComfyUI numbers
-blocks by resnet, a downsampler being its own input block and an upsampler sitting in the last output
-block of its level, so for this organism (1 resnet per level, 3 levels) diffusers ``down_blocks.0`` =
-ComfyUI ``input_blocks.2`` (its resnet alone is ``input_blocks.1``), ``down_blocks.1`` =
-``input_blocks.4`` (resnet+attention: ``input_blocks.3``), ``down_blocks.2`` = ``input_blocks.5``,
-``mid_block`` = ``middle_block``, ``up_blocks.0`` = ``output_blocks.1``, ``up_blocks.1`` =
-``output_blocks.3``, ``up_blocks.2`` = ``output_blocks.5`` (a diffusers block's output is the output of
-the last ComfyUI block of its group): see :data:`DIFFUSERS_TO_COMFY_UNET_BLOCKS`.
+U-Net block names: the organism's diffusers names (``up_blocks.1``, ...) are accepted by the U-Net
+adapter and mean the ComfyUI block with the same output (``nodes.adapters.comfy_unet.comfy_block_name``;
+for this organism ``up_blocks.1`` = ``output_blocks.3``), checked by value in the tests.
 """
 from __future__ import annotations
 
@@ -64,17 +59,6 @@ CONFIG_FILE = "config.json"
 LATENT_CHANNELS = 4
 LATENT_SIZE = 16
 TEXT_WIDTH = 384
-
-DIFFUSERS_TO_COMFY_UNET_BLOCKS: dict[str, str] = {
-    "down_blocks.0": "input_blocks.2",
-    "down_blocks.1": "input_blocks.4",
-    "down_blocks.2": "input_blocks.5",
-    "mid_block": "middle_block",
-    "up_blocks.0": "output_blocks.1",
-    "up_blocks.1": "output_blocks.3",
-    "up_blocks.2": "output_blocks.5",
-}
-"""The organism U-Net's diffusers site blocks -> the ComfyUI block with the same output (same values)."""
 
 SD15_BETAS = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
 """SD1.5's schedule as ComfyUI spells it ("linear" is sqrt-spaced, i.e. diffusers' "scaled_linear")."""

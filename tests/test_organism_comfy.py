@@ -198,13 +198,16 @@ def test_comfyui_sampling_on_the_diffusers_sigmas_reproduces_the_diffusers_pipel
     assert (got - expected).abs().max() < 1e-4
 
 
-def test_unet_block_table_pairs_blocks_with_the_same_outputs(comfy, organisms, loaded):
-    """DIFFUSERS_TO_COMFY_UNET_BLOCKS: each diffusers block's output equals its ComfyUI block's output."""
+def test_diffusers_block_names_pair_with_comfyui_blocks_of_the_same_outputs(comfy, organisms, loaded):
+    """comfy_block_name: each diffusers block's output equals its ComfyUI block's output."""
     import torch
 
-    organism = _plugin(comfy, "nodes.organism_nodes")
+    comfy_unet = _plugin(comfy, "nodes.adapters.comfy_unet")
     unet, _ = organisms["unet"]
     net = loaded["unet"].model.diffusion_model
+    names = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2")
+    pairs = {name: comfy_unet.comfy_block_name(name, net) for name in names}
+    assert pairs["up_blocks.1"] == "output_blocks.3" and pairs["down_blocks.0"] == "input_blocks.2"
     seen_diffusers, seen_comfy, handles = {}, {}, []
 
     def keep(store, name):
@@ -212,7 +215,7 @@ def test_unet_block_table_pairs_blocks_with_the_same_outputs(comfy, organisms, l
             store[name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
         return hook
 
-    for diffusers_name, comfy_name in organism.DIFFUSERS_TO_COMFY_UNET_BLOCKS.items():
+    for diffusers_name, comfy_name in pairs.items():
         handles.append(unet.get_submodule(diffusers_name).register_forward_hook(keep(seen_diffusers, diffusers_name)))
         # ComfyUI iterates a block's layers (never calls the block), so its output is its last layer's.
         handles.append(net.get_submodule(comfy_name)[-1].register_forward_hook(keep(seen_comfy, comfy_name)))
@@ -225,7 +228,7 @@ def test_unet_block_table_pairs_blocks_with_the_same_outputs(comfy, organisms, l
         for handle in handles:
             handle.remove()
     shapes = {}
-    for diffusers_name, comfy_name in organism.DIFFUSERS_TO_COMFY_UNET_BLOCKS.items():
+    for diffusers_name, comfy_name in pairs.items():
         ours, theirs = seen_comfy[comfy_name], seen_diffusers[diffusers_name]
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() < TOL, (diffusers_name, comfy_name)
         shapes[diffusers_name] = tuple(ours.shape[1:])
@@ -234,9 +237,9 @@ def test_unet_block_table_pairs_blocks_with_the_same_outputs(comfy, organisms, l
                       "up_blocks.2": (32, 16, 16)}
     # ... and our ComfyUI adapter offers each of those blocks as a site of that width.
     common = _plugin(comfy, "nodes.common")
-    for diffusers_name, comfy_name in organism.DIFFUSERS_TO_COMFY_UNET_BLOCKS.items():
-        _, site, width = common.resolve_site(loaded["unet"], f"{comfy_name}:residual")
-        assert width == shapes[diffusers_name][0]
+    for diffusers_name, comfy_name in pairs.items():
+        _, site, width = common.resolve_site(loaded["unet"], f"{diffusers_name}:residual")
+        assert site.block == comfy_name and width == shapes[diffusers_name][0]
 
 
 # ----------------------------------------------------------------------------- nodes
