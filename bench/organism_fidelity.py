@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from training.organism.classifier import classify, load_classifier
+from training.organism.classifier import classify_outputs, load_classifier
 from training.organism.data import CLASSES, DIGITS, class_prompt
 from training.runner import load_runner
 
@@ -30,7 +30,7 @@ def fidelity(model: str, seeds: int, steps: int, guidance: float) -> dict:
         images = runner.generate([class_prompt(c) for c in chunk], list(range(start, start + len(chunk))),
                                  steps=steps, guidance=guidance)
         seconds += time.perf_counter() - began
-        predicted.append(classify(classifier, images[:, :1] * 2 - 1)[0])
+        predicted.append(classify_outputs(classifier, images))
     hits = torch.cat(predicted) == labels
     digits = labels < len(DIGITS)
     return {"model": model, "samples": len(labels), "steps": steps, "guidance": guidance,

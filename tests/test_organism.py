@@ -15,7 +15,7 @@ from training.compat import apply_torchvision_workaround
 
 apply_torchvision_workaround()
 from training.organism.build import WEIGHTS, organism_data  # noqa: E402
-from training.organism.classifier import accuracy, classify, load_classifier  # noqa: E402
+from training.organism.classifier import accuracy, classify_outputs, load_classifier  # noqa: E402
 from training.organism.data import CLASSES, _load_numpy_pickle, class_prompt, load_dataset, stroke_and_slant  # noqa: E402
 from training.organism.fit import FitConfig, fit  # noqa: E402
 from training.organism.text import shared_encoder  # noqa: E402
@@ -84,7 +84,7 @@ def test_each_organism_draws_the_class_it_is_prompted_for(model: str):
     classifier = load_classifier()
     classes = list(range(len(CLASSES)))
     images = runner.generate([class_prompt(c) for c in classes for _ in range(2)], seeds=list(range(40)))
-    predicted, _ = classify(classifier, images[:, :1] * 2 - 1)
+    predicted = classify_outputs(classifier, images)
     agreement = float((predicted == torch.tensor([c for c in classes for _ in range(2)])).float().mean())
     assert agreement >= 0.5, f"{model}: only {agreement:.2f} of samples show the prompted class (chance 0.05)"
 

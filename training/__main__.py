@@ -251,9 +251,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _classifier_for(runner) -> Any:
     if not runner.is_organism:
         return None
-    from .organism.classifier import classify, load_classifier
+    from .organism.classifier import classify_outputs, load_classifier
+
     model = load_classifier()
-    return lambda images: classify(model, images[:, :1] * 2 - 1)[0]
+    return lambda images: classify_outputs(model, images)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

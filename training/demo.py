@@ -23,7 +23,7 @@ from .capture import CaptureSettings, capture, site_dir
 from .flip import flip_rates, profile_classes, random_direction, specific_feature
 from .grids import image_grid
 from .organism.build import organism_data
-from .organism.classifier import classify, load_classifier
+from .organism.classifier import classify_outputs, load_classifier
 from .organism.data import ANIMALS, CLASSES, DIGITS, class_prompt
 from .runner import load_runner
 from .steer_grid import steering_grid
@@ -113,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     classifier = load_classifier()
 
     def judge(images: torch.Tensor) -> torch.Tensor:
-        return classify(classifier, images[:, :1] * 2 - 1)[0]
+        return classify_outputs(classifier, images)
 
     summary["eval"] = {}
     for s in sites[1:]:

@@ -59,6 +59,11 @@ def classify(model: nn.Module, images: Tensor, batch_size: int = 512) -> tuple[T
     return probs.argmax(-1), probs
 
 
+def classify_outputs(model: nn.Module, images: Tensor) -> Tensor:
+    """Class ids of generated images as the pipelines return them: (B, C, 32, 32) in [0, 1]."""
+    return classify(model, images[:, :1] * 2 - 1)[0]
+
+
 def accuracy(model: nn.Module, data: Dataset) -> float:
     predicted, _ = classify(model, data.images)
     return float((predicted == data.labels).float().mean())
