@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -29,3 +30,11 @@ class SiteContext:
 
 
 SiteFunction = Callable[[Tensor, SiteContext], Tensor]
+
+
+def cond_rows(ctx: SiteContext, batch: int) -> Tensor:
+    """Indices of the rows computed for the positive prompt: what capture, atlases and steering
+    experiments read. Every row when the runtime cannot tell (no CFG, or an unknown layout)."""
+    if ctx.cond is None:
+        return torch.arange(batch)
+    return torch.nonzero(ctx.cond.to(torch.bool).cpu()).reshape(-1)

@@ -129,6 +129,13 @@ def _runner(args: argparse.Namespace):
     return load_runner(args.model, device=args.device)
 
 
+def _model_and_dictionary(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(runner, dictionary, site)`` for commands that run a dictionary on a model (atlas, steer)."""
+    runner = _runner(args)
+    dictionary = load_dictionary(args.dictionary)
+    return runner, dictionary, _site_for(runner, dictionary, args.site)
+
+
 def _site_for(runner, dictionary: Any, name: Optional[str]) -> Any:
     """The model's site a dictionary acts at (``name``, else its own); their widths must agree."""
     from sae_core import check_site_width
@@ -297,9 +304,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     from .atlas_run import build_atlas
     from .prompts import read_prompts
 
-    runner = _runner(args)
-    dictionary = load_dictionary(args.dictionary)
-    site = _site_for(runner, dictionary, args.site)
+    runner, dictionary, site = _model_and_dictionary(args)
     prompts = read_prompts(args.prompts)
     index = build_atlas(runner, dictionary, site, prompts, Path(args.out), images_per_prompt=args.images_per_prompt,
                         seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features)
@@ -313,9 +318,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 def cmd_steer(args: argparse.Namespace) -> int:
     from .steer_grid import steering_grid
 
-    runner = _runner(args)
-    dictionary = load_dictionary(args.dictionary)
-    site = _site_for(runner, dictionary, args.site)
+    runner, dictionary, site = _model_and_dictionary(args)
     for f in args.features:
         if not 0 <= f < dictionary.n_latents:
             raise DictionaryError(f"feature {f} does not exist: the dictionary has {dictionary.n_latents} features")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae_core.intervention import SiteContext
+from sae_core.intervention import SiteContext, cond_rows
 from sae_core.site import Site
 
 from .atlas import AtlasAccumulator
@@ -31,7 +31,7 @@ class _ReadAt:
 
     def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
         if self.tokens is None and (ctx.progress is None or ctx.progress >= self.at - 1e-6):
-            rows = torch.arange(h.shape[0]) if ctx.cond is None else torch.nonzero(ctx.cond.cpu()).reshape(-1)
+            rows = cond_rows(ctx, h.shape[0])
             self.tokens, self.grid = h[rows].detach().float().cpu(), ctx.grid
         return h
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_core.errors import DictionaryError
-from sae_core.intervention import SiteContext
+from sae_core.intervention import SiteContext, cond_rows
 from sae_core.shards import DTYPES, ShardWriter
 from sae_core.site import Site
 from sae_core.timesteps import in_window, validate_window
@@ -75,9 +75,7 @@ class Recorder:
         self.calls += 1
         if not in_window(ctx, self.window):
             return h
-        rows = torch.arange(h.shape[0])
-        if self.cond_only and ctx.cond is not None:
-            rows = rows[ctx.cond.to(torch.bool).cpu()]
+        rows = cond_rows(ctx, h.shape[0]) if self.cond_only else torch.arange(h.shape[0])
         x = h[rows].detach().float().cpu()
         tokens = torch.arange(h.shape[1]).expand(len(rows), -1)
         if self.tokens_per_image and self.tokens_per_image < h.shape[1]:

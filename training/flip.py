@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae_core.intervention import SiteContext, SiteFunction
+from sae_core.intervention import SiteContext, SiteFunction, cond_rows
 from sae_core.site import Site
 from sae_core.steering import add_direction
 from sae_core.timesteps import in_window
@@ -35,8 +35,9 @@ def direction_function(direction: Tensor, strength: float, window: Optional[tupl
     def add(h: Tensor, ctx: SiteContext) -> Tensor:
         if strength == 0 or not in_window(ctx, window):
             return h
-        rows = torch.ones(h.shape[0]) if ctx.cond is None else ctx.cond.float().cpu()
-        return add_direction(h, direction, strength, "token_norm", token_weights=rows[:, None].expand(-1, h.shape[1]))
+        weights = torch.zeros(h.shape[0], h.shape[1])
+        weights[cond_rows(ctx, h.shape[0])] = 1.0
+        return add_direction(h, direction, strength, "token_norm", token_weights=weights)
 
     return add
 
@@ -65,7 +66,7 @@ def profile_classes(runner: Runner, dictionaries: dict[str, Any], site: Site, pr
         def record(h: Tensor, ctx: SiteContext) -> Tensor:
             if not in_window(ctx, window):
                 return h
-            rows = torch.arange(h.shape[0]) if ctx.cond is None else torch.nonzero(ctx.cond.cpu()).reshape(-1)
+            rows = cond_rows(ctx, h.shape[0])
             x = h[rows].detach().float().cpu()
             owner = classes[rows % len(chunk)]
             act_sums.index_add_(0, owner, x.mean(1))
