@@ -194,11 +194,14 @@ def test_garbage_prompt_files_are_refused_before_any_work(content: bytes, messag
     assert not list((tmp_path).glob("a/**/shard_*"))
 
 
-def test_a_full_disk_leaves_only_whole_shards_and_the_rerun_completes_the_capture(prompts: Path, tmp_path: Path,
-                                                                                  monkeypatch, capsys):
+@pytest.mark.parametrize("subsample", [[], ["--tokens-per-image", "16"]], ids=["all tokens", "token subsets"])
+def test_a_full_disk_leaves_only_whole_shards_and_the_rerun_completes_the_capture(subsample: list[str], prompts: Path,
+                                                                                  tmp_path: Path, monkeypatch, capsys):
     import sae_core.atomic as atomic
 
-    args = ["capture", "--prompts", str(prompts), "--sites", SITE, "--shard-tokens", "1280", "--batch-size", "1"]
+    shard_tokens = "320" if subsample else "1280"  # one sample (20 steps) per shard either way
+    args = ["capture", "--prompts", str(prompts), "--sites", SITE, "--shard-tokens", shard_tokens, "--batch-size", "1",
+            *subsample]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
 
     real_save, calls = atomic.save_file, []

@@ -203,7 +203,7 @@ def _streaming_data(args: argparse.Namespace, device: str):
         pool: list[torch.Tensor] = []
         for first in range(0, len(prompts), 8):
             chunk = prompts[first:first + 8]
-            recorder.n_samples = len(chunk)
+            recorder.sample_ids = torch.arange(first, first + len(chunk))
             runner.generate(chunk, [args.seed + first + i for i in range(len(chunk))], site_functions={site: recorder})
             pool.extend(x.reshape(-1, x.shape[-1]) for x, _, _, _ in recorder.take())
             rows = torch.cat(pool)

@@ -58,16 +58,18 @@ class CaptureSettings:
 class Recorder:
     """Site function that keeps the site's tokens of every call inside the window (cond rows by default).
 
-    Rows map to samples as ``row % n_samples``: batched guidance puts ``[uncond, cond]`` halves in
-    the order of the prompts. With ``tokens_per_image`` a seeded random subset of each row's tokens
-    is kept (per call), which spreads a capture over more images for the same disk.
+    ``sample_ids`` are the samples of the generation under way; rows map to them as
+    ``row % len(sample_ids)`` (batched guidance puts ``[uncond, cond]`` halves in the order of the
+    prompts). With ``tokens_per_image`` a random subset of each row's tokens is kept per call, seeded
+    by (seed, sample id, call of this generation): a sample keeps the same tokens whatever batch it
+    is generated in, so a resumed capture equals an unbroken one.
     """
 
     window: Optional[tuple[float, float]]
     tokens_per_image: Optional[int]
     cond_only: bool
     seed: int
-    n_samples: int = 0
+    sample_ids: Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     records: list[tuple[Tensor, Tensor, Tensor, float]] = field(default_factory=list)
     calls: int = 0
 
@@ -79,15 +81,19 @@ class Recorder:
         x = h[rows].detach().float().cpu()
         tokens = torch.arange(h.shape[1]).expand(len(rows), -1)
         if self.tokens_per_image and self.tokens_per_image < h.shape[1]:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
-            tokens = torch.stack([torch.randperm(h.shape[1], generator=gen)[: self.tokens_per_image] for _ in rows])
+            samples = self.sample_ids[rows % len(self.sample_ids)].tolist()
+            tokens = torch.stack([self._subset(h.shape[1], sample) for sample in samples])
             x = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         sigma = float(ctx.sigma) if ctx.sigma is not None else float("nan")
-        self.records.append((x, rows % self.n_samples, tokens, sigma))
+        self.records.append((x, rows % len(self.sample_ids), tokens, sigma))
         return h
 
+    def _subset(self, n_tokens: int, sample: int) -> Tensor:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + sample) * 10_007 + self.calls)
+        return torch.randperm(n_tokens, generator=gen)[: self.tokens_per_image]
+
     def take(self) -> list[tuple[Tensor, Tensor, Tensor, float]]:
-        records, self.records = self.records, []
+        records, self.records, self.calls = self.records, [], 0
         return records
 
 
@@ -146,7 +152,7 @@ def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], ou
             ids = list(range(first, min(first + batch_size, total)))
             prompts = [settings.prompts[s // settings.images_per_prompt] for s in ids]
             for recorder in recorders.values():
-                recorder.n_samples = len(ids)
+                recorder.sample_ids = torch.tensor(ids)
             runner.generate(prompts, [settings.seed + s for s in ids], steps=settings.steps,
                             guidance=settings.guidance, site_functions=recorders)
             for site, recorder in recorders.items():
@@ -185,7 +191,7 @@ def capture_images(runner: Runner, folder: Path, sites: Sequence[Site], out: Pat
     files = image_files(folder)
     settings = {"capture": {"model": runner.name, "images": [p.name for p in files], "levels": list(levels),
                             "prompt": prompt, "seed": seed}}
-    recorders = {site: Recorder(None, None, True, seed, n_samples=1) for site in sites}
+    recorders = {site: Recorder(None, None, True, seed) for site in sites}
     writers = {}
     for site in sites:
         writer = ShardWriter(site_dir(out, site), site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
@@ -197,6 +203,8 @@ def capture_images(runner: Runner, folder: Path, sites: Sequence[Site], out: Pat
         for index in tqdm(range(min(resume_from.values()), len(files)), desc="capture images", unit="image",
                           disable=not progress):
             image = runner.load_image(files[index])
+            for recorder in recorders.values():
+                recorder.sample_ids = torch.tensor([index])
             for level in levels:
                 runner.denoise_once(image, prompt, level, seed + index, recorders)
             for site, recorder in recorders.items():
