@@ -2,9 +2,9 @@
 
 A dictionary is an ``encode``/``decode`` pair plus a file format::
 
-    from sae_core import TrainConfig, train_dictionary, save_dictionary, load_dictionary
+    from sae_core import DictionaryConfig, TrainConfig, train_dictionary, save_dictionary, load_dictionary
 
-    result = train_dictionary(activations, TrainConfig(kind="topk", k=32, total_steps=2000))
+    result = train_dictionary(activations, TrainConfig(DictionaryConfig(kind="topk", k=32), total_steps=2000))
     sae = result.dictionary
     codes = sae.encode(activations[:8])        # SparseCodes(values, indices)
     recon = sae.decode(codes)                  # model space
@@ -14,22 +14,39 @@ A dictionary is an ``encode``/``decode`` pair plus a file format::
 
 This package imports neither ComfyUI nor diffusers.
 """
-from .errors import DictionaryError
+from .config import DictionaryConfig, TrainConfig, options
+from .dictionary import Dictionary
+from .errors import (ConfigError, DictionaryError, InputError, SAEError, ScheduleError, ShardError, SiteError, SteerError,
+                     TrainingError, WriteError)
 from .fileformat import read_header, save_dictionary
 from .foreign import export_saelens
-from .itda import ITDA, gradient_pursuit
-from .kernels import SparseCodes, sparse_decode
+from .itda import ITDA
+from .kernels import SparseCodes
 from .loading import check_site_width, load_dictionary
 from .metrics import evaluate
-from .normalize import Standardizer, fit_standardizer
+from .normalize import Standardizer
+from .recording import Record, Recorder, write_records
 from .sae import SparseAutoencoder
 from .shards import ActivationBuffer, ShardReader, ShardWriter
-from .site import Site
-from .steering import Steer, steer_function
-from .train import TrainConfig, TrainResult, train_dictionary
+from .sites import Catalogue, Site, SiteContext, SiteFunction, call_context, prompt_rows, transformer_catalogue, unet_catalogue
+from .steering import MODES, UNITS, Steer, steer_function
+from .timesteps import in_window, schedule_progress, validate_sigma_range, validate_window
+from .train import TrainResult, train_dictionary
 
 __all__ = [
-    "ActivationBuffer", "DictionaryError", "ITDA", "ShardReader", "ShardWriter", "Site", "Steer", "SparseAutoencoder", "SparseCodes", "Standardizer", "TrainConfig",
-    "TrainResult", "check_site_width", "evaluate", "export_saelens", "fit_standardizer", "gradient_pursuit",
-    "load_dictionary", "read_header", "save_dictionary", "sparse_decode", "steer_function", "train_dictionary",
+    # dictionaries and their files
+    "Dictionary", "ITDA", "SparseAutoencoder", "SparseCodes", "Standardizer", "check_site_width", "evaluate",
+    "export_saelens", "load_dictionary", "read_header", "save_dictionary",
+    # training
+    "DictionaryConfig", "TrainConfig", "TrainResult", "options", "train_dictionary",
+    # activations
+    "ActivationBuffer", "Record", "Recorder", "ShardReader", "ShardWriter", "write_records",
+    # sites and when a site function acts
+    "Catalogue", "Site", "SiteContext", "SiteFunction", "call_context", "in_window", "prompt_rows", "schedule_progress",
+    "transformer_catalogue", "unet_catalogue", "validate_sigma_range", "validate_window",
+    # steering
+    "MODES", "UNITS", "Steer", "steer_function",
+    # errors
+    "ConfigError", "DictionaryError", "InputError", "SAEError", "ScheduleError", "ShardError", "SiteError", "SteerError",
+    "TrainingError", "WriteError",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import DictionaryError
+from .errors import WriteError
 
 
 def _umask() -> int:
@@ -28,8 +28,11 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` in one step."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a folder that cannot be made (a file in the way, no permission) fails like the write itself
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     os.close(fd)
     try:
         write(tmp)
@@ -39,15 +42,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         _remove_quietly(tmp)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DictionaryError(
-                f"disk full while writing {path}: free some space and retry (the previous file, if any, is intact)"
-            ) from err
-        raise DictionaryError(f"could not write {path}: {err.strerror or err}") from err
+        raise _write_error(path, err) from err
     except BaseException:
         _remove_quietly(tmp)
         raise
     return path
+
+
+def _write_error(path: Path, err: OSError) -> WriteError:
+    """One line for the user: a full disk says so (it is the common case and the fix differs)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(f"disk full while writing {path}: free some space and retry (the previous file, if any, is intact)")
+    return WriteError(f"could not write {path}: {err.strerror or err}")
 
 
 def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> Path:

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from .errors import DictionaryError
 from .normalize import Standardizer
-from .site import Site
+from .sites.site import Site
 
 
 def check_width(x: Tensor, d_in: int, site: Site) -> None:

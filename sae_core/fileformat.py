@@ -12,20 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .atomic import save_safetensors_atomic
-from .errors import DictionaryError
+from .dictionary import Dictionary
+from .errors import ConfigError, DictionaryError
 from .itda import ITDA
 from .sae import SAE_KINDS, SparseAutoencoder
 
 FORMAT = "diffusion-sae"
 FORMAT_VERSION = "1"
 
-Dictionary = Union[SparseAutoencoder, ITDA]
 
 
 def dictionary_class(kind: str) -> type:
@@ -71,7 +71,10 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """Load a file written by :func:`save_dictionary`."""
     path = Path(path)
     config = read_header(path)
-    dictionary = dictionary_class(str(config.get("kind"))).from_config(config)
+    try:
+        dictionary = dictionary_class(str(config.get("kind"))).from_config(config)
+    except (ConfigError, KeyError, TypeError) as err:  # the header's shape is the file's fault, not a setting's
+        raise DictionaryError(f"{path}: the dictionary header is damaged ({err}); re-save or re-download the file") from err
     tensors = _open(path, lambda f: {name: f.get_tensor(name) for name in f.keys()})
     try:
         dictionary.load_state_dict(tensors, strict=True)

@@ -91,7 +91,7 @@ from .fileformat import Dictionary, check_finite
 from .itda import ITDA
 from .normalize import Standardizer
 from .sae import SparseAutoencoder
-from .site import Site
+from .sites.site import Site
 
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
 SPARSIFY_FILES = ("cfg.json", "sae.safetensors")  # seed-A ITDA uses the same two names

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_width, model_space_direction
-from .errors import DictionaryError
-from .kernels import SparseCodes, codes_to_dense, sparse_decode
+from .dictionary import Dictionary
+from .errors import ConfigError, ShardError
+from .kernels import SparseCodes, sparse_decode
 from .normalize import Standardizer
-from .site import Site
+from .sites.site import Site
 
 PROVENANCE: dict[str, tuple[torch.dtype, float]] = {
     "sample_id": (torch.int64, -1),
@@ -122,7 +122,7 @@ def _greedy_distinct(unit: Tensor, limit: float, room: int, block: int = 2048) -
     return torch.tensor(kept, dtype=torch.long, device=unit.device)
 
 
-class ITDA(nn.Module):
+class ITDA(Dictionary):
     """A dictionary of real activations, encoded by gradient pursuit, grown online.
 
     Mirrors :class:`~sae_core.sae.SparseAutoencoder`'s surface (``encode``,
@@ -150,9 +150,9 @@ class ITDA(nn.Module):
     ):
         super().__init__()
         if target_l0 < 1:
-            raise DictionaryError(f"target_l0={target_l0}: ITDA needs at least one atom per input; use target_l0 >= 1")
+            raise ConfigError(f"target_l0={target_l0}: ITDA needs at least one atom per input; use target_l0 >= 1")
         if not 0 < loss_threshold <= 1:
-            raise DictionaryError(f"loss_threshold={loss_threshold} must be in (0, 1]: it is a relative reconstruction loss (0.1-0.6 is typical)")
+            raise ConfigError(f"loss_threshold={loss_threshold} must be in (0, 1]: it is a relative reconstruction loss (0.1-0.6 is typical)")
         self.target_l0 = int(target_l0)
         self.loss_threshold = float(loss_threshold)
         self.max_atoms = int(max_atoms)
@@ -166,19 +166,12 @@ class ITDA(nn.Module):
         self.register_buffer("mean_activation", torch.zeros(n_atoms))
 
     @property
-    def d_in(self) -> int:
-        return self.atoms.shape[1]
-
-    @property
-    def n_latents(self) -> int:
-        return self.atoms.shape[0]
+    def rows(self) -> Tensor:
+        return self.atoms
 
     @property
     def k(self) -> int:
         return self.target_l0
-
-    def check_input(self, x: Tensor) -> None:
-        check_width(x, self.d_in, self.site)
 
     def _normalized_rows(self, x: Tensor) -> Tensor:
         return self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.atoms.dtype))
@@ -195,22 +188,6 @@ class ITDA(nn.Module):
         if self.n_latents == 0:  # codes of an empty dictionary point at no atom
             return codes.values.new_zeros(*codes.values.shape[:-1], self.d_in)
         return sparse_decode(codes, self.atoms)
-
-    def decode(self, codes: SparseCodes) -> Tensor:
-        """Codes -> model-space reconstruction (the standardizer's mean when there are no atoms)."""
-        return self.standardizer.denormalize(self.decode_normalized(codes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x)).to(x.dtype)
-
-    def dense_codes(self, x: Tensor) -> Tensor:
-        """Codes as a dense ``(..., n_atoms)`` matrix, for analysis and plotting."""
-        return codes_to_dense(self.encode(x), self.n_latents)
-
-    def direction(self, feature: int, unit: bool = False) -> Tensor:
-        """Model-space change caused by one unit of atom ``feature`` (an actual normalised
-        activation); ``unit=True`` returns it normalised to length 1."""
-        return model_space_direction(self.atoms, feature, self.standardizer, unit)
 
     @torch.no_grad()
     def grow(self, x: Tensor, provenance: dict[str, Tensor] | None = None) -> dict[str, Any]:
@@ -259,12 +236,12 @@ class ITDA(nn.Module):
         """One flat tensor per provenance buffer, of ``n`` values or a single shared one."""
         unknown = set(provenance) - set(PROVENANCE)
         if unknown:
-            raise DictionaryError(f"unknown ITDA provenance {', '.join(sorted(unknown))}; use {', '.join(PROVENANCE)}")
+            raise ShardError(f"unknown ITDA provenance {', '.join(sorted(unknown))}; use {', '.join(PROVENANCE)}")
         values = {}
         for name, (dtype, missing) in PROVENANCE.items():
             value = torch.as_tensor(provenance.get(name, missing)).reshape(-1)
             if value.numel() not in (1, n):
-                raise DictionaryError(f"provenance '{name}' has {value.numel()} values for {n} activations; give one per activation row")
+                raise ShardError(f"provenance '{name}' has {value.numel()} values for {n} activations; give one per activation row")
             values[name] = value
         return values
 

@@ -1,4 +1,4 @@
-"""Small charts drawn with Pillow alone: training curves and firing histograms.
+"""Small charts drawn with Pillow alone: training curves, firing histograms, top-feature bars.
 
 Nodes show them as preview images and the CLI writes them as PNGs; no
 plotting library is needed, so they work in any ComfyUI install.
@@ -74,4 +74,19 @@ def histogram_chart(edges: Sequence[float], counts: Sequence[int], title: str, x
     draw.text((left, bottom + 6), _fmt(edges[0]), fill="black", font=font)
     draw.text((right - 30, bottom + 6), _fmt(edges[-1]), fill="black", font=font)
     draw.text(((left + right) // 2 - 40, bottom + 22), x_label, fill="black", font=font)
+    return image
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str) -> Image.Image:
+    """Horizontal labelled bars, the longest as wide as the chart allows, each with its value."""
+    width, bar = 480, 22
+    image = Image.new("RGB", (width, 40 + bar * len(labels)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 8), title, fill="black")
+    top = max(values, default=0) or 1.0
+    for i, (label, value) in enumerate(zip(labels, values)):
+        y = 32 + i * bar
+        draw.text((8, y + 4), label, fill="black")
+        draw.rectangle([90, y + 2, 90 + int((width - 170) * value / top), y + bar - 4], fill="#d62728")
+        draw.text((width - 74, y + 4), f"{value:.3g}", fill="black")
     return image

@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_width, model_space_direction
-from .errors import DictionaryError
-from .kernels import SparseCodes, codes_to_dense, sparse_decode, threshold_codes
+from .dictionary import Dictionary
+from .errors import ConfigError
+from .kernels import SparseCodes, sparse_decode, threshold_codes
 from .normalize import Standardizer
-from .site import Site
+from .sites.site import Site
 
 SAE_KINDS = ("topk", "batchtopk", "relu", "jumprelu")
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(Dictionary):
     kind: str
 
     def __init__(
@@ -45,9 +45,9 @@ class SparseAutoencoder(nn.Module):
     ):
         super().__init__()
         if kind not in SAE_KINDS:
-            raise DictionaryError(f"unknown SAE kind {kind!r}; expected one of {', '.join(SAE_KINDS)}")
+            raise ConfigError(f"unknown SAE kind {kind!r}; expected one of {', '.join(SAE_KINDS)}")
         if kind in ("topk", "batchtopk") and not 0 < k <= n_latents:
-            raise DictionaryError(f"k={k} must be between 1 and n_latents={n_latents}; lower k or widen the dictionary")
+            raise ConfigError(f"k={k} must be between 1 and n_latents={n_latents}; lower k or widen the dictionary")
         self.kind = kind
         self.k = int(k)
         self.site = site or Site()
@@ -67,15 +67,8 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("mean_activation", torch.zeros(n_latents))
 
     @property
-    def d_in(self) -> int:
-        return self.W_dec.shape[1]
-
-    @property
-    def n_latents(self) -> int:
-        return self.W_dec.shape[0]
-
-    def check_input(self, x: Tensor) -> None:
-        check_width(x, self.d_in, self.site)
+    def rows(self) -> Tensor:
+        return self.W_dec
 
     def pre_activations(self, x_n: Tensor) -> Tensor:
         """Dense pre-activations ``(..., M)`` of normalised input ``x_n``."""
@@ -98,23 +91,6 @@ class SparseAutoencoder(nn.Module):
 
     def decode_normalized(self, codes: SparseCodes) -> Tensor:
         return sparse_decode(codes, self.W_dec) + self.b_dec
-
-    def decode(self, codes: SparseCodes) -> Tensor:
-        """Sparse codes -> model-space reconstruction."""
-        return self.standardizer.denormalize(self.decode_normalized(codes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x)).to(x.dtype)
-
-    def dense_codes(self, x: Tensor) -> Tensor:
-        """Codes as a dense ``(..., M)`` matrix, for analysis and plotting."""
-        return codes_to_dense(self.encode(x), self.n_latents)
-
-    def direction(self, feature: int, unit: bool = False) -> Tensor:
-        """Model-space change caused by one unit of ``feature``'s activation.
-
-        ``unit=True`` returns it normalised to length 1 (for steering by norm)."""
-        return model_space_direction(self.W_dec, feature, self.standardizer, unit)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

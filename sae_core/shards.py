@@ -45,8 +45,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .atomic import atomic_write, save_safetensors_atomic
-from .errors import DictionaryError
-from .site import Site
+from .errors import ConfigError, ShardError
+from .sites.site import Site
 
 FORMAT = "diffusion-sae-shard"
 VERSION = "1"
@@ -70,7 +70,7 @@ def _rows(acts: Tensor, sample_id: Union[int, Tensor], token: Optional[Tensor], 
     vectors along the last leading axis (their position in the token sequence)."""
     acts = torch.as_tensor(acts).detach()
     if acts.ndim < 2:
-        raise DictionaryError(f"activations must be shaped (N, d) or (..., d), got {tuple(acts.shape)}")
+        raise ShardError(f"activations must be shaped (N, d) or (..., d), got {tuple(acts.shape)}")
     lead = acts.shape[:-1]
     if token is None:
         token = torch.arange(lead[-1])
@@ -81,7 +81,7 @@ def _rows(acts: Tensor, sample_id: Union[int, Tensor], token: Optional[Tensor], 
             "timestep": torch.as_tensor(timestep, dtype=torch.float32).broadcast_to(lead),
         }
     except RuntimeError as err:
-        raise DictionaryError(
+        raise ShardError(
             f"provenance does not fit activations shaped {tuple(acts.shape)} ({err}); "
             "give one sample_id / token / timestep per vector, or one for all"
         ) from err
@@ -105,7 +105,7 @@ def _take(rows: Rows, index: Union[Tensor, slice]) -> Rows:
 def _check_width(expected: Optional[int], rows: Rows, holder: str) -> int:
     width = rows["activations"].shape[-1]
     if expected is not None and width != expected:
-        raise DictionaryError(
+        raise ShardError(
             f"activations have width {width} but {holder} holds width {expected}: capture one site per {holder}"
         )
     return width
@@ -122,7 +122,7 @@ class ActivationBuffer:
 
     def __init__(self, max_tokens: int, d: Optional[int] = None):
         if max_tokens < 1:
-            raise DictionaryError(f"max_tokens={max_tokens}: a capture buffer must hold at least one vector")
+            raise ConfigError(f"max_tokens={max_tokens}: a capture buffer must hold at least one vector")
         self.max_tokens = int(max_tokens)
         self.d = d
         self.n_tokens = 0
@@ -136,7 +136,7 @@ class ActivationBuffer:
         rows = _rows(acts, sample_id, token, timestep)
         width = _check_width(self.d, rows, "capture buffer")
         if self.n_tokens + _n(rows) > self.max_tokens:
-            raise DictionaryError(
+            raise ShardError(
                 f"capture buffer is full at {self.n_tokens} vectors: raise max_tokens, subsample tokens, or write "
                 f"shards to disk (the {_n(rows)} vectors of this call were not kept)"
             )
@@ -159,8 +159,8 @@ class ActivationBuffer:
 # ----------------------------------------------------------------------------- on disk: layout
 
 
-def _damaged(path: Path, why: Any) -> DictionaryError:
-    return DictionaryError(f"{path}: activation shard is truncated or damaged ({why}); delete it and run capture again")
+def _damaged(path: Path, why: Any) -> ShardError:
+    return ShardError(f"{path}: activation shard is truncated or damaged ({why}); delete it and run capture again")
 
 
 def _shard_paths(directory: Path) -> list[Path]:
@@ -204,7 +204,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     for name, value in DTYPES.items():
         if value == dtype:
             return name
-    raise DictionaryError(f"shards are stored as {', '.join(DTYPES)}, not {dtype}")
+    raise ShardError(f"shards are stored as {', '.join(DTYPES)}, not {dtype}")
 
 
 # ----------------------------------------------------------------------------- on disk: writing
@@ -233,7 +233,7 @@ class ShardWriter:
         whole_adds: bool = False,
     ):
         if shard_tokens < 1:
-            raise DictionaryError(f"shard_tokens={shard_tokens}: a shard must hold at least one vector")
+            raise ConfigError(f"shard_tokens={shard_tokens}: a shard must hold at least one vector")
         self.directory = Path(directory)
         self.site = Site.from_dict(site.to_dict())
         self.shard_tokens = int(shard_tokens)
@@ -248,7 +248,7 @@ class ShardWriter:
         try:
             json.dumps(self.extra)
         except TypeError as err:
-            raise DictionaryError(f"extra manifest data must be JSON-able ({err}): pass strings, numbers, lists, dicts") from err
+            raise ShardError(f"extra manifest data must be JSON-able ({err}): pass strings, numbers, lists, dicts") from err
         self._max_sample_id = max((s["max_sample_id"] for s in self._shards), default=-1)
         self._pending: list[Rows] = []
         self._pending_tokens = 0
@@ -260,14 +260,14 @@ class ShardWriter:
         for shard in self._shards:
             where = self.directory / shard["file"]
             if Site.from_dict(shard["site"]) != self.site:
-                raise DictionaryError(
+                raise ShardError(
                     f"{where} holds activations of site {Site.from_dict(shard['site'])}, not {self.site}: "
                     "capture each site into its own directory"
                 )
             if shard["dtype"] != self._dtype_name:
-                raise DictionaryError(f"{where} is stored as {shard['dtype']}, not {self._dtype_name}: reopen with the same dtype")
+                raise ShardError(f"{where} is stored as {shard['dtype']}, not {self._dtype_name}: reopen with the same dtype")
             if shard["d"] != self._shards[0]["d"]:
-                raise DictionaryError(f"{where} has width {shard['d']}, other shards {self._shards[0]['d']}: delete the odd shard")
+                raise ShardError(f"{where} has width {shard['d']}, other shards {self._shards[0]['d']}: delete the odd shard")
         return self._shards[0]["d"] if self._shards else None
 
     def _previous_extra(self) -> dict[str, Any]:
@@ -293,7 +293,7 @@ class ShardWriter:
         last leading axis) and ``timestep`` (the sigma) are one per vector or one
         for all (broadcast to ``acts.shape[:-1]``)."""
         if self._closed:
-            raise DictionaryError(f"the shard writer for {self.directory} is closed: open a new ShardWriter to append")
+            raise ShardError(f"the shard writer for {self.directory} is closed: open a new ShardWriter to append")
         rows = _rows(acts, sample_id, token, timestep)
         self.d = _check_width(self.d, rows, f"shard directory {self.directory}")
         rows["activations"] = self._to_storage(rows["activations"])
@@ -309,7 +309,7 @@ class ShardWriter:
         if self.dtype == torch.float16 and acts.numel():
             peak = float(acts.abs().max())
             if peak > _FLOAT16_MAX:
-                raise DictionaryError(
+                raise ShardError(
                     f"activations reach {peak:.4g}, beyond float16's range (65504): "
                     "capture with dtype=torch.bfloat16 or torch.float32"
                 )
@@ -372,22 +372,22 @@ class ShardWriter:
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
-        raise DictionaryError(f"activation directory {directory} does not exist: run capture first or check the path")
+        raise ShardError(f"activation directory {directory} does not exist: run capture first or check the path")
     path = directory / MANIFEST
     if not path.exists():
         if _shard_paths(directory):
-            raise DictionaryError(f"{directory} has shards but no {MANIFEST}: reopen it with ShardWriter and close() to rebuild it")
-        raise DictionaryError(f"no activation shards in {directory}: run capture first")
+            raise ShardError(f"{directory} has shards but no {MANIFEST}: reopen it with ShardWriter and close() to rebuild it")
+        raise ShardError(f"no activation shards in {directory}: run capture first")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DictionaryError(f"{path} is damaged ({err}): reopen the directory with ShardWriter and close() to rebuild it") from err
+        raise ShardError(f"{path} is damaged ({err}): reopen the directory with ShardWriter and close() to rebuild it") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DictionaryError(f"{path} is not a '{FORMAT}' manifest: point at a directory written by ShardWriter")
+        raise ShardError(f"{path} is not a '{FORMAT}' manifest: point at a directory written by ShardWriter")
     if manifest.get("version") != VERSION:
-        raise DictionaryError(f"{path} has shard format version {manifest.get('version')!r}; this engine reads {VERSION!r}: update it")
+        raise ShardError(f"{path} has shard format version {manifest.get('version')!r}; this engine reads {VERSION!r}: update it")
     if not manifest.get("n_tokens"):
-        raise DictionaryError(f"{directory} holds no activation vectors: run capture again (it wrote none)")
+        raise ShardError(f"{directory} holds no activation vectors: run capture again (it wrote none)")
     return manifest
 
 
@@ -432,9 +432,9 @@ class ShardReader:
         world_size: int = 1,
     ):
         if batch_size < 1:
-            raise DictionaryError(f"batch_size={batch_size}: a batch needs at least one vector")
+            raise ConfigError(f"batch_size={batch_size}: a batch needs at least one vector")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise DictionaryError(f"rank={rank}, world_size={world_size}: a rank counts from 0 to world_size - 1")
+            raise ConfigError(f"rank={rank}, world_size={world_size}: a rank counts from 0 to world_size - 1")
         self.directory = Path(directory)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -446,7 +446,7 @@ class ShardReader:
         self._manifest = _read_manifest(self.directory)
         n_shards = len(self._manifest["shards"])
         if n_shards < self.world_size:
-            raise DictionaryError(
+            raise ShardError(
                 f"{self.directory} holds {n_shards} shard{'s' if n_shards != 1 else ''}, fewer than the "
                 f"{self.world_size} processes reading it (each reads whole shards): capture with a smaller shard "
                 "size (--shard-tokens) or use fewer processes"
@@ -454,7 +454,7 @@ class ShardReader:
         self._shards = self._manifest["shards"][self.rank::self.world_size]
         if drop_last and self.n_tokens < self.batch_size:
             where = f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
-            raise DictionaryError(
+            raise ShardError(
                 f"{self.directory} holds {self.n_tokens} vectors{where}, fewer than one batch of {self.batch_size}: "
                 "lower batch_size or capture more"
             )
@@ -522,7 +522,7 @@ class ShardReader:
     def _load(self, entry: Mapping[str, Any]) -> Rows:
         path = self.directory / entry["file"]
         if not path.exists():
-            raise DictionaryError(
+            raise ShardError(
                 f"{path} is listed in {MANIFEST} but missing: reopen the directory with ShardWriter and close() to "
                 "rebuild the manifest, or run capture again"
             )

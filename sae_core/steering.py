@@ -42,34 +42,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import DictionaryError
-from .intervention import SiteContext, SiteFunction
-from .kernels import SparseCodes
+from .dictionary import Dictionary
+from .errors import DictionaryError, SteerError
+from .sites.context import SiteContext, SiteFunction
 from .timesteps import Window, in_window, validate_sigma_range, validate_window
 
 MODES = ("add", "clamp", "ablate", "swap")
 UNITS = ("token_norm", "mean_activation", "raw")
 WHERE = ("everywhere", "where_active")
-
-
-class Dictionary(Protocol):
-    """The surface steering uses; SparseAutoencoder and ITDA both provide it."""
-
-    @property
-    def n_latents(self) -> int: ...
-
-    @property
-    def d_in(self) -> int: ...
-
-    def encode(self, x: Tensor) -> SparseCodes: ...
-
-    def direction(self, feature: int, unit: bool = False) -> Tensor: ...
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -81,7 +67,7 @@ def _compute_dtype(h: Tensor) -> torch.dtype:
 
 def _check_activations(h: Tensor, d_in: int) -> None:
     if h.ndim != 3:
-        raise DictionaryError(f"steering expects site activations shaped (batch, tokens, d), got {tuple(h.shape)}")
+        raise SteerError(f"steering expects site activations shaped (batch, tokens, d), got {tuple(h.shape)}")
     if h.shape[-1] != d_in:
         raise DictionaryError(
             f"activations have width {h.shape[-1]} but the steering dictionary expects d_in={d_in}; "
@@ -92,7 +78,7 @@ def _check_activations(h: Tensor, d_in: int) -> None:
 def _check_features(dictionary: Dictionary, features: Sequence[int]) -> tuple[int, ...]:
     features = tuple(int(f) for f in features)
     if not features:
-        raise DictionaryError("no features to steer: pick at least one feature id")
+        raise SteerError("no features to steer: pick at least one feature id")
     n = dictionary.n_latents
     for f in features:
         if not 0 <= f < n:
@@ -105,9 +91,9 @@ def _strength_vector(strengths: Union[float, Sequence[float]], n: int, what: str
     if len(values) == 1:
         values = values * n
     if len(values) != n:
-        raise DictionaryError(f"got {len(values)} strengths for {n} {what}s: give one per {what}, or one for all")
+        raise SteerError(f"got {len(values)} strengths for {n} {what}s: give one per {what}, or one for all")
     if not all(math.isfinite(v) for v in values):
-        raise DictionaryError(f"strengths must be finite numbers, got {values}")
+        raise SteerError(f"strengths must be finite numbers, got {values}")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -139,13 +125,13 @@ def recorded_mean_activations(dictionary: Dictionary, features: Sequence[int]) -
     fired, since "strength x 0" would silently do nothing."""
     stats = getattr(dictionary, "mean_activation", None)
     if stats is None:
-        raise DictionaryError(
+        raise SteerError(
             "this dictionary records no mean activations: steer with units 'token_norm' or 'raw'"
         )
     values = torch.stack([stats[f].detach().float().cpu() for f in features])
     silent = [f for f, v in zip(features, values.tolist()) if not v > 0]
     if silent:
-        raise DictionaryError(
+        raise SteerError(
             f"feature(s) {', '.join(map(str, silent))} have no recorded mean activation (never fired, or the file "
             "carries no firing statistics): steer with units 'token_norm' or 'raw'"
         )
@@ -164,7 +150,7 @@ def _token_weights(weights: Optional[Tensor], h: Tensor, n_features: int) -> Ten
         return w.unsqueeze(-1)
     if w.shape == (batch, tokens, n_features):
         return w
-    raise DictionaryError(
+    raise SteerError(
         f"token_weights shaped {tuple(w.shape)} do not fit activations {tuple(h.shape)} and {n_features} feature(s): "
         "give (tokens,), (batch, tokens) or (batch, tokens, features)"
     )
@@ -206,7 +192,7 @@ def _add(h: Tensor, directions: Tensor, strengths: Tensor, units: str,
 
 def _check_units(units: str) -> None:
     if units not in UNITS:
-        raise DictionaryError(f"unknown steering units {units!r}: use one of {', '.join(UNITS)}")
+        raise SteerError(f"unknown steering units {units!r}: use one of {', '.join(UNITS)}")
 
 
 # ----------------------------------------------------------------------------- the operations
@@ -250,7 +236,7 @@ def add_direction(
     ``units``: ``"token_norm"`` (``strength`` x the row's mean token norm along
     the unit direction) or ``"raw"`` (``strength`` x ``direction`` as given)."""
     if units not in ("token_norm", "raw"):
-        raise DictionaryError(f"a plain direction is added in units 'token_norm' or 'raw', not {units!r}")
+        raise SteerError(f"a plain direction is added in units 'token_norm' or 'raw', not {units!r}")
     direction = torch.as_tensor(direction).detach().float().reshape(1, -1).cpu()
     _check_activations(h, direction.shape[-1])
     return _add(h, direction, _strength_vector(strength, 1), units, None, _token_weights(token_weights, h, 1))
@@ -282,7 +268,7 @@ def clamp_features(
 def _clamp_targets(values: Union[float, Sequence[float], Tensor], batch: int, n: int) -> Tensor:
     if isinstance(values, Tensor) and values.ndim == 2:
         if values.shape != (batch, n):
-            raise DictionaryError(f"per-row clamp values must be (batch, features) = ({batch}, {n}), got {tuple(values.shape)}")
+            raise SteerError(f"per-row clamp values must be (batch, features) = ({batch}, {n}), got {tuple(values.shape)}")
         return values.float()
     values = values.tolist() if isinstance(values, Tensor) else values
     return _strength_vector(values, n).unsqueeze(0)
@@ -332,9 +318,9 @@ def diff_of_means_direction(acts_a: Tensor, acts_b: Tensor) -> Tensor:
     a = torch.as_tensor(acts_a).detach()
     b = torch.as_tensor(acts_b).detach()
     if a.shape[-1] != b.shape[-1]:
-        raise DictionaryError(f"the two activation sets have widths {a.shape[-1]} and {b.shape[-1]}: take both from one site")
+        raise SteerError(f"the two activation sets have widths {a.shape[-1]} and {b.shape[-1]}: take both from one site")
     if a.numel() == 0 or b.numel() == 0:
-        raise DictionaryError("diff of means needs activations in both sets: one of them is empty")
+        raise SteerError("diff of means needs activations in both sets: one of them is empty")
     mean_a = a.reshape(-1, a.shape[-1]).double().mean(0)
     mean_b = b.reshape(-1, b.shape[-1]).double().mean(0)
     return (mean_a - mean_b).float()
@@ -384,17 +370,17 @@ class Steer:
         object.__setattr__(self, "window", validate_window(self.window))
         object.__setattr__(self, "sigma_range", validate_sigma_range(self.sigma_range))
         if self.mode not in MODES:
-            raise DictionaryError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
+            raise SteerError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
         _check_units(self.units)
         if self.where not in WHERE:
-            raise DictionaryError(f"unknown steering target {self.where!r}: use one of {', '.join(WHERE)}")
+            raise SteerError(f"unknown steering target {self.where!r}: use one of {', '.join(WHERE)}")
         if not features:
-            raise DictionaryError("this steer lists no features: pick at least one feature id")
+            raise SteerError("this steer lists no features: pick at least one feature id")
         duplicated = sorted({f for f in features if features.count(f) > 1})
         if duplicated:
-            raise DictionaryError(f"feature(s) {', '.join(map(str, duplicated))} listed twice in one steer: list each once")
+            raise SteerError(f"feature(s) {', '.join(map(str, duplicated))} listed twice in one steer: list each once")
         if self.mode == "swap" and len(features) % 2:
-            raise DictionaryError("swap takes (source, target) pairs of features: give an even number of feature ids")
+            raise SteerError("swap takes (source, target) pairs of features: give an even number of feature ids")
         _strength_vector(self.strengths, self.n_strengths, "pair" if self.mode == "swap" else "feature")
         if self.mask is not None:
             object.__setattr__(self, "mask", _checked_mask(self.mask))
@@ -412,11 +398,11 @@ class Steer:
 def _checked_mask(mask: Tensor) -> Tensor:
     m = torch.as_tensor(mask).detach().float().cpu()
     if m.ndim != 2:
-        raise DictionaryError(f"a steering mask is an (H, W) map, got shape {tuple(m.shape)}: pass one mask, not a batch")
+        raise SteerError(f"a steering mask is an (H, W) map, got shape {tuple(m.shape)}: pass one mask, not a batch")
     if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-        raise DictionaryError("mask values must lie in [0, 1]: use a painted mask, not an image")
+        raise SteerError("mask values must lie in [0, 1]: use a painted mask, not an image")
     if not bool(m.any()):
-        raise DictionaryError("the mask is empty: paint the region to steer")
+        raise SteerError("the mask is empty: paint the region to steer")
     return m.clone()
 
 
@@ -450,7 +436,7 @@ class _Plan:
     def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
         steer = self.steer
         if steer.mask is not None and ctx.grid is None:
-            raise DictionaryError(
+            raise SteerError(
                 "a steering mask needs image tokens, but this site's tokens have no grid (text tokens): "
                 "remove the mask or steer an image stream"
             )
@@ -459,19 +445,19 @@ class _Plan:
         rows = _row_weights(ctx.cond, h.shape[0], steer)
         selected = rows.nonzero().flatten()
         if len(selected) == h.shape[0]:
-            return self._edit(h, self._weights(rows, ctx.grid, h))
+            return self._edit(h, self._weights(rows, ctx, h))
         if len(selected) == 0:
             return h
         # Edit (and encode) only the selected rows, e.g. the cond half under CFG.
         index = selected.to(h.device)
         part = h.index_select(0, index)
-        edited = self._edit(part, self._weights(rows[selected], ctx.grid, part))
+        edited = self._edit(part, self._weights(rows[selected], ctx, part))
         return h if edited is part else h.index_copy(0, index, edited)
 
-    def _weights(self, rows: Tensor, grid: Optional[tuple[int, int]], h: Tensor) -> Tensor:
+    def _weights(self, rows: Tensor, ctx: SiteContext, h: Tensor) -> Tensor:
         weights = rows.to(h.device).reshape(-1, 1, 1)
         if self.steer.mask is not None:
-            weights = weights * self._mask_weights(grid, h).reshape(1, -1, 1)
+            weights = weights * self._mask_weights(ctx.grid, ctx.frames, h).reshape(1, -1, 1)
         return weights
 
     def _edit(self, h: Tensor, weights: Tensor) -> Tensor:
@@ -495,15 +481,16 @@ class _Plan:
             coefficients = _swap_coefficients(current, strengths)
         return apply_coefficients(h, coefficients * weights, self.directions)
 
-    def _mask_weights(self, grid: tuple[int, int], h: Tensor) -> Tensor:
-        key = (tuple(grid), h.device)
+    def _mask_weights(self, grid: tuple[int, int], frames: int, h: Tensor) -> Tensor:
+        """The mask per token; a video's tokens are ``frames`` grids one after another, each masked alike."""
+        key = (tuple(grid), frames, h.device)
         if key not in self._mask_cache:
-            if grid[0] * grid[1] != h.shape[1]:
-                raise DictionaryError(
-                    f"the token grid {grid[0]}x{grid[1]} does not match the site's {h.shape[1]} tokens; "
+            if frames * grid[0] * grid[1] != h.shape[1]:
+                raise SteerError(
+                    f"the token grid {frames}x{grid[0]}x{grid[1]} does not match the site's {h.shape[1]} tokens; "
                     "the model adapter reported a wrong grid"
                 )
-            self._mask_cache[key] = mask_to_tokens(self.steer.mask, grid).to(h.device)
+            self._mask_cache[key] = mask_to_tokens(self.steer.mask, grid).repeat(frames).to(h.device)
         return self._mask_cache[key]
 
 
@@ -513,7 +500,7 @@ def _row_weights(cond: Optional[Tensor], batch: int, steer: Steer) -> Tensor:
         return torch.ones(batch)
     cond = torch.as_tensor(cond).detach().reshape(-1).bool().cpu()
     if cond.numel() != batch:
-        raise DictionaryError(
+        raise SteerError(
             f"the site context marks {cond.numel()} rows as cond/uncond but the batch has {batch}; "
             "the model adapter is out of step"
         )

@@ -66,17 +66,18 @@ def run_benchmark(
     """Train each kind at the same L0 on the same data; report recovery and FVU on held-out data.
 
     ``keep``, if given, receives each kind's TrainResult."""
-    from .train import TrainConfig, train_dictionary
+    from .config import DictionaryConfig, TrainConfig
+    from .train import train_dictionary
 
     data = data or superposition_data()
     n_train = int(data.x.shape[0] * 0.9)
     train_x, test_x = data.x[:n_train], data.x[n_train:]
-    base = config or TrainConfig(k=8, n_latents=data.features.shape[0] * 2, total_steps=1500, batch_size=1024,
-                                 warmup_steps=50, lr=2e-3, dead_tokens=50_000, normalization="none",
+    base = config or TrainConfig(DictionaryConfig(k=8, n_latents=data.features.shape[0] * 2, normalization="none"),
+                                 total_steps=1500, batch_size=1024, warmup_steps=50, lr=2e-3, dead_tokens=50_000,
                                  loss_threshold=0.25, log_every=100)
     rows = []
     for kind in kinds:
-        cfg = replace(base, kind=kind)
+        cfg = replace(base, dictionary=replace(base.dictionary, kind=kind))
         if kind == "itda":
             cfg = replace(cfg, total_steps=max(1, n_train // cfg.batch_size))
         progress = progress_factory(kind, cfg.total_steps) if progress_factory else None

@@ -17,20 +17,24 @@ sigma:
 * :func:`in_window` asks whether a context lies in a progress window and/or a
   sigma range (both inclusive).
 
-When the context cannot answer the question (no sigma, no schedule) a
-restricting gate stays *closed*: an edit the user confined to part of sampling
-must not silently run at every step. A gate that restricts nothing (window
-``(0, 1)``, sigma range ``(0, inf)``, or ``None``) is open regardless.
+When the context cannot answer the question a restricting gate never guesses:
+a progress window with no schedule to place the step in (a user's own sampling
+loop) is a :class:`ScheduleError` that says to use a sigma range instead, since
+silently never (or always) acting would both be wrong; a sigma range with no
+sigma stays closed. A gate that restricts nothing (window ``(0, 1)``, sigma
+range ``(0, inf)``, or ``None``) is open regardless.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from torch import Tensor
 
-from .errors import DictionaryError
-from .intervention import SiteContext
+from .errors import ScheduleError
+
+if TYPE_CHECKING:
+    from .sites.context import SiteContext
 
 Window = tuple[float, float]
 _SAME_SIGMA = 1e-5  # relative tolerance: float32 round trips of a schedule entry are still that entry
@@ -100,14 +104,14 @@ def validate_window(window: Optional[Sequence[float]]) -> Optional[Window]:
         return None
     values = tuple(float(v) for v in window)
     if len(values) != 2:
-        raise DictionaryError(f"a window is (start, end) in sampling progress 0..1, got {window!r}")
+        raise ScheduleError(f"a window is (start, end) in sampling progress 0..1, got {window!r}")
     start, end = values
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-        raise DictionaryError(
+        raise ScheduleError(
             f"window ({start:g}, {end:g}) must lie within [0, 1] (0 = first step, 1 = last step); rescale it"
         )
     if start > end:
-        raise DictionaryError(f"window starts after it ends ({start:g} > {end:g}): swap start and end")
+        raise ScheduleError(f"window starts after it ends ({start:g} > {end:g}): swap start and end")
     return start, end
 
 
@@ -117,12 +121,12 @@ def validate_sigma_range(sigma_range: Optional[Sequence[float]]) -> Optional[Win
         return None
     values = tuple(float(v) for v in sigma_range)
     if len(values) != 2:
-        raise DictionaryError(f"a sigma range is (low, high), got {sigma_range!r}")
+        raise ScheduleError(f"a sigma range is (low, high), got {sigma_range!r}")
     low, high = values
     if math.isnan(low) or math.isnan(high) or low < 0:
-        raise DictionaryError(f"sigma range ({low:g}, {high:g}) must have 0 <= low; sigmas are noise levels")
+        raise ScheduleError(f"sigma range ({low:g}, {high:g}) must have 0 <= low; sigmas are noise levels")
     if low > high:
-        raise DictionaryError(f"sigma range starts above its end ({low:g} > {high:g}): swap low and high")
+        raise ScheduleError(f"sigma range starts above its end ({low:g} > {high:g}): swap low and high")
     return low, high
 
 
@@ -143,13 +147,16 @@ def in_window(
 
     ``window``: inclusive progress bounds (see :func:`schedule_progress`);
     ``sigma_range``: inclusive noise-level bounds. Both must hold; None means
-    no restriction. If ``ctx`` lacks the progress (or sigma) that a restricting
-    window (or range) needs, the answer is False: the edit does not run rather
-    than run at the wrong time.
+    no restriction. A restricting window in a context without progress raises
+    :class:`ScheduleError`; a restricting range in a context without sigma is
+    False (the edit does not run rather than run at the wrong time).
     """
     if window is not None and _window_restricts(window):
         if ctx.progress is None:
-            return False
+            raise ScheduleError(
+                f"a timestep window ({window[0]:g}, {window[1]:g}) needs the sampler's schedule, and this sampling "
+                "loop gives none (sigma " + ("unknown" if ctx.sigma is None else f"{ctx.sigma:g}") + "); "
+                "use a sigma range instead, or pass the schedule in the context")
         if not window[0] - _EDGE <= ctx.progress <= window[1] + _EDGE:
             return False
     if sigma_range is not None and _range_restricts(sigma_range):

@@ -13,6 +13,8 @@ reconstructs badly. Both share what a long job needs:
 * progress through a callback (tqdm in the CLI, ComfyUI's ProgressBar in nodes);
 * data-parallel SAE training under ``torchrun`` (see :mod:`sae_core.distributed`).
 
+Its options, their defaults and the learning-rate schedule are declared in :mod:`sae_core.config`.
+
 Data parallel: when a ``torch.distributed`` process group of several processes
 is up, every process trains on its own data (e.g. ``ShardReader(..., rank=r,
 world_size=n)``) with DDP semantics. The dictionary is built on each process
@@ -33,7 +35,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -43,13 +45,15 @@ from torch import Tensor
 
 from . import distributed
 from .atomic import save_safetensors_atomic
-from .errors import DictionaryError
+from .config import TrainConfig, options
+from .dictionary import Dictionary
+from .errors import ConfigError, TrainingError
 from .itda import ITDA
 from .kernels import fused_topk_encode, sparse_decode
 from .metrics import FiringTracker
-from .normalize import Standardizer, fit_standardizer
+from .normalize import fit_standardizer
 from .sae import SparseAutoencoder
-from .site import Site
+from .sites.site import Site
 
 log = logging.getLogger("sae_core.train")
 
@@ -59,53 +63,8 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 @dataclass
-class TrainConfig:
-    """Every knob of a training run; saved in checkpoints and in the dictionary header."""
-
-    kind: str = "topk"  # topk | batchtopk | itda
-    k: int = 32  # latents per token (TopK/BatchTopK); target L0 for ITDA
-    n_latents: int | None = None  # default: expansion_factor * d_in
-    expansion_factor: int = 16
-    normalization: str = "scale"  # none | scale | standardize
-    b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
-    total_steps: int = 1000
-    batch_size: int = 4096  # only used when data is a tensor
-    lr: float | None = None  # default 2e-4 / sqrt(n_latents / 2**14) (Gao et al.)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of steps
-    grad_clip: float = 1.0
-    auxk: int | None = None  # latents in the AuxK loss; default d_in // 2; 0 disables
-    auxk_coef: float = 1 / 32
-    dead_tokens: int = 1_000_000  # a latent silent for this many tokens is dead
-    threshold_momentum: float = 0.99  # BatchTopK: EMA of the batch's smallest kept activation
-    loss_threshold: float = 0.3  # ITDA: add inputs reconstructed worse than this
-    max_atoms: int = 50_000  # ITDA
-    init_tokens: int = 16_384  # tokens used to fit normalisation and b_dec
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    device: str = "cpu"
-    compute_dtype: str = "float32"  # bfloat16 halves encoder matmul time on GPUs
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise DictionaryError(f"unknown training option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
-        values = dict(data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
-
-
-@dataclass
 class TrainResult:
-    dictionary: Union[SparseAutoencoder, ITDA]
+    dictionary: Dictionary
     history: list[dict] = field(default_factory=list)
     rejected_batches: int = 0
     resumed_from_step: int | None = None
@@ -190,38 +149,22 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
     return median
 
 
-def _build(config: TrainConfig, sample: Tensor, site: Site) -> Union[SparseAutoencoder, ITDA]:
+def _build(config: TrainConfig, sample: Tensor, site: Site) -> Dictionary:
     d_in = sample.shape[-1]
-    standardizer = fit_standardizer(sample, config.normalization)
-    if config.kind == "itda":
-        return ITDA(d_in, config.k, loss_threshold=config.loss_threshold, max_atoms=config.max_atoms,
+    shape = config.dictionary
+    standardizer = fit_standardizer(sample, shape.normalization)
+    if shape.kind == "itda":
+        return ITDA(d_in, shape.k, loss_threshold=config.loss_threshold, max_atoms=config.max_atoms,
                     site=site, standardizer=standardizer)
-    n_latents = config.n_latents or config.expansion_factor * d_in
-    sae = SparseAutoencoder(d_in, n_latents, config.k, config.kind, site=site, standardizer=standardizer, seed=config.seed)
+    sae = SparseAutoencoder(d_in, shape.width(d_in), shape.k, shape.kind, site=site, standardizer=standardizer,
+                            seed=config.seed)
     xn = standardizer.normalize(sample.float())
     with torch.no_grad():
         if config.b_dec_init == "geometric_median":
             sae.b_dec.copy_(geometric_median(xn))
         elif config.b_dec_init == "mean":
             sae.b_dec.copy_(xn.mean(0))
-        elif config.b_dec_init != "zeros":
-            raise DictionaryError(f"unknown b_dec_init {config.b_dec_init!r}; use geometric_median, mean or zeros")
     return sae
-
-
-def default_lr(n_latents: int) -> float:
-    """Gao et al.'s scaling: larger dictionaries need smaller steps."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
-
-
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    decay_steps = int(config.total_steps * config.decay_fraction)
-    decay_start = config.total_steps - decay_steps
-    if decay_steps and step >= decay_start:
-        return max(0.0, (config.total_steps - step) / decay_steps)
-    return 1.0
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -249,13 +192,11 @@ def _load_checkpoint(path: Path, config: TrainConfig, device: str) -> tuple[Any,
         state = json.loads(meta["state"])
         model_config = json.loads(meta["dictionary"])
     except Exception as err:  # any damage means the same thing to the user
-        raise DictionaryError(f"{path}: checkpoint is damaged ({err}); delete it to start over") from err
-    saved = TrainConfig.from_dict(state["config"])
-    mismatched = [f.name for f in fields(TrainConfig)
-                  if f.name not in ("total_steps", "log_every", "checkpoint_every", "device")
-                  and getattr(saved, f.name) != getattr(config, f.name)]
+        raise TrainingError(f"{path}: checkpoint is damaged ({err}); delete it to start over") from err
+    saved, wanted = TrainConfig.from_dict(state["config"]).flat(), config.flat()
+    mismatched = [o.name for o in options(TrainConfig) if not o.resumable and saved[o.name] != wanted[o.name]]
     if mismatched:
-        raise DictionaryError(
+        raise ConfigError(
             f"{path} was written with different settings ({', '.join(mismatched)}); "
             "use another checkpoint directory or delete it to start over"
         )
@@ -286,13 +227,9 @@ def train_dictionary(
     passes its own ``data`` and gets the same :class:`TrainResult`.
     """
     config = config or TrainConfig()
-    if config.kind not in ("topk", "batchtopk", "itda"):
-        raise DictionaryError(f"unknown dictionary kind {config.kind!r}; train one of topk, batchtopk, itda")
-    if config.total_steps < 1:
-        raise DictionaryError(f"total_steps={config.total_steps}: train for at least one step")
     rank, world = distributed.world()
-    if world > 1 and config.kind == "itda":
-        raise DictionaryError("ITDA grows its dictionary on one process: run it without torchrun")
+    if world > 1 and config.dictionary.kind == "itda":
+        raise ConfigError("ITDA grows its dictionary on one process: run it without torchrun")
     device = config.device
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
@@ -326,8 +263,7 @@ def train_dictionary(
         tracker.load_state({k[len("tracker."):]: v for k, v in tensors.items() if k.startswith("tracker.")})
     optimizer = None
     if isinstance(model, SparseAutoencoder):
-        lr = config.lr or default_lr(model.n_latents)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=config.betas)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.peak_lr(model.n_latents), betas=config.betas)
         _restore_optimizer(optimizer, model, tensors)
 
     start = time.perf_counter()
@@ -337,7 +273,7 @@ def train_dictionary(
         if batch is not None:
             x, provenance = _batch_tensor(batch)
             if x.shape[-1] != model.d_in:
-                raise DictionaryError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={model.d_in}; all batches must come from one site")
+                raise TrainingError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={model.d_in}; all batches must come from one site")
         bad = x is not None and not torch.isfinite(x).all()
         exhausted, rejected = (batch is None, bad) if world == 1 else _agree(batch is None, bad, device)
         if exhausted:
@@ -385,7 +321,7 @@ def _check_same_start(resumed_from: int | None, ckpt_path: Path | None, device: 
     step[1].neg_()
     distributed.all_reduce_max_([step])
     if float(step[0]) != -float(step[1]):
-        raise DictionaryError(
+        raise TrainingError(
             f"the processes found different checkpoints in {ckpt_path.parent if ckpt_path else None} (steps "
             f"{-float(step[1]):g} to {float(step[0]):g}, -1 for none): put checkpoint_dir on a filesystem that "
             "every process shares"
@@ -422,12 +358,12 @@ def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig
         pending.append(batch)
         x, _ = _batch_tensor(batch)
         if rows and x.shape[-1] != rows[0].shape[-1]:
-            raise DictionaryError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={rows[0].shape[-1]}; all batches must come from one site")
+            raise TrainingError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={rows[0].shape[-1]}; all batches must come from one site")
         x = x[torch.isfinite(x).all(-1)]
         rows.append(x.float())
         count += x.shape[0]
     if not count:
-        raise DictionaryError("no finite activations to train on: the data source is empty or all NaN/inf")
+        raise TrainingError("no finite activations to train on: the data source is empty or all NaN/inf")
     return torch.cat(rows)[: config.init_tokens]
 
 
@@ -444,7 +380,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, model, tensors: dict[st
 def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tensor, state: dict, config: TrainConfig,
               world: int = 1) -> dict:
     for group in optimizer.param_groups:
-        group["lr"] = (config.lr or default_lr(sae.n_latents)) * _lr_factor(state["step"], config)
+        group["lr"] = config.peak_lr(sae.n_latents) * config.lr_factor(state["step"])
     xn = sae.standardizer.normalize(x)
     k_aux = (sae.d_in // 2 if config.auxk is None else config.auxk)
     dead = tracker.dead_mask(config.dead_tokens) if k_aux else None
@@ -492,8 +428,8 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
     }
 
 
-def _diverged(state: dict, loss: float) -> DictionaryError:
-    return DictionaryError(
+def _diverged(state: dict, loss: float) -> TrainingError:
+    return TrainingError(
         f"training diverged at step {state['step']} (loss is {loss}); lower the learning rate "
         "or check the activations; the last checkpoint is untouched"
     )

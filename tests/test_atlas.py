@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sae_core.errors import DictionaryError
+from sae_core.errors import DictionaryError, InputError
 from sae_core.kernels import SparseCodes
 from training.atlas import AtlasAccumulator
 
@@ -171,7 +171,7 @@ def test_fifty_thousand_latents_stay_fast(tmp_path, one_thread):
 
 def test_grid_that_does_not_match_the_tokens_is_refused():
     atlas = AtlasAccumulator(n_latents=8)
-    with pytest.raises(DictionaryError, match=r"grid \(4, 5\).*20 cells.*16 tokens"):
+    with pytest.raises(InputError, match=r"grid \(4, 5\).*20 cells.*16 tokens"):
         atlas.add(np.zeros((16, 16), dtype=np.uint8), "x", planted_codes(1.0), (4, 5))
 
 

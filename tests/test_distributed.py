@@ -14,13 +14,14 @@ import torch
 import torch.multiprocessing as mp
 
 import sae_core.train as train_module
+from sae_core.config import DictionaryConfig, TrainConfig
 from sae_core.distributed import all_reduce_mean_, barrier, broadcast_, init_from_env, is_main, world
-from sae_core.errors import DictionaryError
+from sae_core.errors import ConfigError, ShardError
 from sae_core.metrics import evaluate
 from sae_core.shards import ShardReader, ShardWriter
-from sae_core.site import Site
+from sae_core.sites import Site
 from sae_core.synthetic import superposition_data
-from sae_core.train import TrainConfig, train_dictionary
+from sae_core.train import train_dictionary
 
 SITE = Site(family="flux", block="double_blocks.1", stream="image")
 D, N_SAMPLES, TOKENS_PER_SAMPLE, SHARD_TOKENS = 16, 2048, 16, 256  # 8 shards, 4 per rank
@@ -99,7 +100,7 @@ def _worker(rank, tmp, port):
     writes = []
     save = train_module._save_checkpoint
     train_module._save_checkpoint = lambda *args: (writes.append(rank), save(*args))[1]
-    config = TrainConfig(**CONFIG)
+    config = TrainConfig.from_dict(CONFIG)
     x = torch.load(tmp / "x.pt", weights_only=True)
 
     def reader():
@@ -124,14 +125,14 @@ def _worker(rank, tmp, port):
     spy = _GradSpy()
     torch.nn.utils.clip_grad_norm_ = spy
     try:
-        one_step = train_dictionary(_reflected_pair()[rank], TrainConfig(**GRAD_CONFIG))
+        one_step = train_dictionary(_reflected_pair()[rank], TrainConfig.from_dict(GRAD_CONFIG))
     finally:
         torch.nn.utils.clip_grad_norm_ = spy.original
     report.update(grads=spy.grads[0], one_step=_summary(one_step))
 
     try:
-        train_dictionary(x[:512], TrainConfig(kind="itda", k=4, total_steps=5, batch_size=128))
-    except DictionaryError as err:
+        train_dictionary(x[:512], TrainConfig(DictionaryConfig(kind="itda", k=4), total_steps=5, batch_size=128))
+    except ConfigError as err:
         report["itda_error"] = str(err)
 
     t = torch.tensor([float(rank)])
@@ -236,7 +237,7 @@ def test_gradients_are_averaged_like_one_process_on_the_concatenated_batch(run, 
     _, (r0, r1) = run
     spy = _GradSpy()
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    single = train_dictionary(torch.cat(_reflected_pair()), TrainConfig(**{**GRAD_CONFIG, "batch_size": 512}))
+    single = train_dictionary(torch.cat(_reflected_pair()), TrainConfig.from_dict({**GRAD_CONFIG, "batch_size": 512}))
     assert len(spy.grads) == 1
     for got0, got1, want in zip(r0["grads"], r1["grads"], spy.grads[0]):
         assert torch.equal(got0, got1)
@@ -247,7 +248,7 @@ def test_gradients_are_averaged_like_one_process_on_the_concatenated_batch(run, 
 
 def test_rank_1_data_changes_the_result(run):
     tmp, (r0, _) = run
-    alone = train_dictionary(ShardReader(tmp / "acts", **READER, rank=0, world_size=2), TrainConfig(**CONFIG))
+    alone = train_dictionary(ShardReader(tmp / "acts", **READER, rank=0, world_size=2), TrainConfig.from_dict(CONFIG))
     assert not torch.allclose(alone.dictionary.W_dec, r0["full"]["state"]["W_dec"], atol=1e-3)
 
 
@@ -309,8 +310,8 @@ def test_a_rank_pass_is_reproducible_and_ranks_shuffle_differently(tmp_path):
 
 def test_fewer_shards_than_processes_is_a_clear_error(tmp_path):
     _write_shards(tmp_path, _data()[:512])  # 2 shards
-    with pytest.raises(DictionaryError, match=r"holds 2 shards, fewer than the 3 processes .*capture with a smaller "
+    with pytest.raises(ShardError, match=r"holds 2 shards, fewer than the 3 processes .*capture with a smaller "
                                               r"shard size \(--shard-tokens\) or use fewer processes"):
         ShardReader(tmp_path, batch_size=64, rank=0, world_size=3)
-    with pytest.raises(DictionaryError, match="rank=2, world_size=2"):
+    with pytest.raises(ConfigError, match="rank=2, world_size=2"):
         ShardReader(tmp_path, batch_size=64, rank=2, world_size=2)

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from sae_core import atomic
-from sae_core.errors import DictionaryError
+from sae_core.errors import DictionaryError, WriteError
 from sae_core.fileformat import load_native, read_header, save_dictionary
 from sae_core.normalize import Standardizer
 from sae_core.sae import SparseAutoencoder
-from sae_core.site import Site
+from sae_core.sites import Site
 
 SITE = Site("flux", "double_blocks.18", "image", (0.0, 0.5))
 
@@ -56,7 +56,7 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_partial_file(tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic, "save_file", disk_full)
-    with pytest.raises(DictionaryError, match="disk full while writing .*d.safetensors"):
+    with pytest.raises(WriteError, match="disk full while writing .*d.safetensors"):
         save_dictionary(trained_looking_sae(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]

@@ -16,7 +16,7 @@ from sae_core.itda import ITDA
 from sae_core.loading import load_dictionary
 from sae_core.normalize import Standardizer
 from sae_core.sae import SparseAutoencoder
-from sae_core.site import Site
+from sae_core.sites import Site
 
 D, N, K = 12, 40, 5
 g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sae_core.errors import DictionaryError
+from sae_core.errors import ConfigError, DictionaryError, ShardError
 from sae_core.fileformat import load_native, save_dictionary
 from sae_core.itda import ITDA, gradient_pursuit
 from sae_core.metrics import evaluate
@@ -111,9 +111,9 @@ def test_missing_provenance_is_unknown_and_a_single_value_applies_to_every_row()
 
 def test_provenance_that_does_not_fit_the_batch_is_a_clear_error():
     itda = ITDA(8, 1)
-    with pytest.raises(DictionaryError, match="'token' has 2 values for 3 activations"):
+    with pytest.raises(ShardError, match="'token' has 2 values for 3 activations"):
         itda.grow(torch.eye(8)[:3], {"token": torch.tensor([0, 1])})
-    with pytest.raises(DictionaryError, match="unknown ITDA provenance step"):
+    with pytest.raises(ShardError, match="unknown ITDA provenance step"):
         itda.grow(torch.eye(8)[:3], {"step": torch.tensor([0, 1, 2])})
     assert itda.n_latents == 0
 
@@ -160,11 +160,11 @@ def test_wrong_width_and_bad_settings_are_clear_errors():
         itda.encode(torch.randn(2, 5))
     with pytest.raises(DictionaryError, match="width 5 .*d_in=8"):
         itda.grow(torch.randn(2, 5))
-    with pytest.raises(DictionaryError, match="target_l0=0"):
+    with pytest.raises(ConfigError, match="target_l0=0"):
         ITDA(8, 0)
-    with pytest.raises(DictionaryError, match="loss_threshold=1.5"):
+    with pytest.raises(ConfigError, match="loss_threshold=1.5"):
         ITDA(8, 2, loss_threshold=1.5)
-    with pytest.raises(DictionaryError, match="loss_threshold=0"):
+    with pytest.raises(ConfigError, match="loss_threshold=0"):
         ITDA(8, 2, loss_threshold=0)
 
 

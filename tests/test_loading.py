@@ -12,7 +12,7 @@ from sae_core.fileformat import save_dictionary
 from sae_core.itda import ITDA
 from sae_core.loading import check_site_width, load_dictionary
 from sae_core.sae import SparseAutoencoder
-from sae_core.site import Site
+from sae_core.sites import Site
 
 
 def native(folder, name="d.safetensors", seed=3):

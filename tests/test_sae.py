@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from sae_core.errors import DictionaryError
+from sae_core.errors import ConfigError, DictionaryError
 from sae_core.normalize import Standardizer, fit_standardizer
 from sae_core.sae import SparseAutoencoder
-from sae_core.site import Site
+from sae_core.sites import Site
 
 
 def make_sae(kind="topk", d=12, n=48, k=4, standardizer=None):
@@ -46,12 +46,12 @@ def test_wrong_width_names_the_site_and_expected_width():
 
 
 def test_k_larger_than_the_dictionary_is_refused():
-    with pytest.raises(DictionaryError, match="k=64 must be between 1 and n_latents=48"):
+    with pytest.raises(ConfigError, match="k=64 must be between 1 and n_latents=48"):
         make_sae(k=64)
 
 
 def test_unknown_kind_is_refused():
-    with pytest.raises(DictionaryError, match="unknown SAE kind"):
+    with pytest.raises(ConfigError, match="unknown SAE kind"):
         make_sae(kind="gated")
 
 

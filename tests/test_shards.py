@@ -1,15 +1,17 @@
 """Activation capture: the bounded buffer, shards on disk, and the shuffling reader."""
+import hashlib
 import json
 
 import pytest
 import torch
 
 import sae_core.atomic
-from sae_core.errors import DictionaryError
+from sae_core.config import DictionaryConfig, TrainConfig
+from sae_core.errors import ShardError, WriteError
 from sae_core.shards import ActivationBuffer, ShardReader, ShardWriter
-from sae_core.site import Site
+from sae_core.sites import Site
 from sae_core.synthetic import superposition_data
-from sae_core.train import TrainConfig, train_dictionary
+from sae_core.train import train_dictionary
 
 SITE = Site(family="flux", block="double_blocks.9", stream="image")
 D = 8
@@ -70,7 +72,7 @@ def test_float16_is_the_default_and_out_of_range_values_are_refused(tmp_path):
     got = read_all(tmp_path / "half", shuffle=False)
     assert got["activations"].dtype == torch.float16
     assert torch.allclose(got["activations"].float(), acts.reshape(-1, D), atol=1e-2)
-    with pytest.raises(DictionaryError, match="beyond float16's range.*bfloat16 or torch.float32"):
+    with pytest.raises(ShardError, match="beyond float16's range.*bfloat16 or torch.float32"):
         ShardWriter(tmp_path / "big", SITE).add(torch.full((4, D), 1e5), 0, None, 1.0)
 
 
@@ -84,7 +86,7 @@ def test_a_failed_shard_write_leaves_no_partial_file_and_keeps_the_vectors(tmp_p
 
     writer = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
     monkeypatch.setattr(sae_core.atomic, "save_file", failing_save)
-    with pytest.raises(DictionaryError, match="disk full"):
+    with pytest.raises(WriteError, match="disk full"):
         writer.add(samples(1, tokens=120)[0], 0, None, 1.0)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(sae_core.atomic, "save_file", real_save)
@@ -103,6 +105,12 @@ def test_reopening_appends_after_the_last_shard(tmp_path):
     assert torch.equal(got["sample_id"], torch.arange(8).repeat_interleave(50))
 
 
+def shard_states(directory):
+    """Inode, modification time and content hash of each shard: unchanged only if the file was left alone."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in directory.glob("shard_*")}
+
+
 def test_a_killed_capture_resumes_losing_only_its_unflushed_remainder(tmp_path):
     acts = samples(5)
     writer = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
@@ -111,6 +119,8 @@ def test_a_killed_capture_resumes_losing_only_its_unflushed_remainder(tmp_path):
     del writer  # killed: the last 50 vectors were never flushed
     (tmp_path / ".shard_00002.safetensors.x1y2.tmp").write_bytes(b"partial")
     (tmp_path / "manifest.json").unlink()  # killed between a shard and its manifest update
+    finished = shard_states(tmp_path)
+    assert sorted(finished) == ["shard_00000.safetensors", "shard_00001.safetensors"]
 
     resumed = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
     assert not list(tmp_path.glob("*.tmp"))
@@ -118,17 +128,19 @@ def test_a_killed_capture_resumes_losing_only_its_unflushed_remainder(tmp_path):
     assert resumed.next_sample_id == 4  # sample 3 straddled the flush; its first half is on disk
     resumed.add(acts[4], resumed.next_sample_id, None, 1.0)
     resumed.close()
+    after = shard_states(tmp_path)
+    assert {name: after.get(name) for name in finished} == finished  # appended after them, never rewritten
     got = read_all(tmp_path, shuffle=False)
     assert torch.equal(got["activations"], torch.cat([acts[:4].reshape(-1, D), acts[4]]))
 
 
 def test_reopening_with_another_width_site_or_dtype_is_refused(tmp_path):
     write(tmp_path, samples(2))
-    with pytest.raises(DictionaryError, match="width 4 but shard directory .* holds width 8"):
+    with pytest.raises(ShardError, match="width 4 but shard directory .* holds width 8"):
         ShardWriter(tmp_path, SITE, dtype=torch.float32).add(torch.zeros(3, 4), 0, None, 1.0)
-    with pytest.raises(DictionaryError, match="capture each site into its own directory"):
+    with pytest.raises(ShardError, match="capture each site into its own directory"):
         ShardWriter(tmp_path, Site(family="flux", block="single_blocks.9"), dtype=torch.float32)
-    with pytest.raises(DictionaryError, match="stored as float32, not float16"):
+    with pytest.raises(ShardError, match="stored as float32, not float16"):
         ShardWriter(tmp_path, SITE)
 
 
@@ -137,19 +149,19 @@ def test_a_truncated_shard_is_named_with_the_fix(tmp_path):
     shard = tmp_path / "shard_00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-40])
     reader = ShardReader(tmp_path, batch_size=10, shuffle=False)
-    with pytest.raises(DictionaryError, match="shard_00001.safetensors: activation shard is truncated or damaged.*delete it and run capture again"):
+    with pytest.raises(ShardError, match="shard_00001.safetensors: activation shard is truncated or damaged.*delete it and run capture again"):
         list(reader)
-    with pytest.raises(DictionaryError, match="shard_00001.safetensors.*delete it"):
+    with pytest.raises(ShardError, match="shard_00001.safetensors.*delete it"):
         ShardWriter(tmp_path, SITE, dtype=torch.float32)
 
 
 def test_missing_or_empty_directories_are_clear_errors(tmp_path):
-    with pytest.raises(DictionaryError, match="does not exist: run capture first"):
+    with pytest.raises(ShardError, match="does not exist: run capture first"):
         ShardReader(tmp_path / "nowhere", batch_size=8)
-    with pytest.raises(DictionaryError, match="no activation shards in .*: run capture first"):
+    with pytest.raises(ShardError, match="no activation shards in .*: run capture first"):
         ShardReader(tmp_path, batch_size=8)
     ShardWriter(tmp_path / "nothing", SITE).close()
-    with pytest.raises(DictionaryError, match="holds no activation vectors"):
+    with pytest.raises(ShardError, match="holds no activation vectors"):
         ShardReader(tmp_path / "nothing", batch_size=8)
 
 
@@ -188,7 +200,7 @@ def test_drop_last_skips_only_the_final_partial_batch(tmp_path):
     write(tmp_path, samples(5))  # 250 vectors
     sizes = [len(b["token"]) for b in ShardReader(tmp_path, batch_size=64, buffer_tokens=100)]
     assert sizes == [64, 64, 64]
-    with pytest.raises(DictionaryError, match="fewer than one batch of 500"):
+    with pytest.raises(ShardError, match="fewer than one batch of 500"):
         ShardReader(tmp_path, batch_size=500)
 
 
@@ -198,7 +210,7 @@ def test_drop_last_skips_only_the_final_partial_batch(tmp_path):
 def test_buffer_refuses_a_whole_append_when_full_and_keeps_what_it_had():
     buffer = ActivationBuffer(max_tokens=120)
     buffer.append(torch.ones(2, 50, D), sample_id=torch.tensor([[0], [1]]), token=None, timestep=1.0)
-    with pytest.raises(DictionaryError, match="capture buffer is full at 100 vectors: raise max_tokens, "
+    with pytest.raises(ShardError, match="capture buffer is full at 100 vectors: raise max_tokens, "
                                               "subsample tokens, or write shards to disk"):
         buffer.append(torch.ones(50, D), sample_id=2, token=None, timestep=1.0)
     tensors = buffer.tensors()
@@ -209,7 +221,7 @@ def test_buffer_refuses_a_whole_append_when_full_and_keeps_what_it_had():
 
 def test_buffer_refuses_another_width():
     buffer = ActivationBuffer(max_tokens=100, d=D)
-    with pytest.raises(DictionaryError, match="width 4 but capture buffer holds width 8"):
+    with pytest.raises(ShardError, match="width 4 but capture buffer holds width 8"):
         buffer.append(torch.ones(3, 4), 0, None, 1.0)
 
 
@@ -221,7 +233,7 @@ def test_training_from_shards_resumes_exactly(tmp_path):
     with ShardWriter(tmp_path / "acts", SITE, shard_tokens=1000, dtype=torch.float32) as writer:
         for i in range(0, 6000, 500):
             writer.add(data[i:i + 500], sample_id=i // 500, token=None, timestep=1.0)
-    config = TrainConfig(k=4, n_latents=64, total_steps=40, warmup_steps=5, lr=3e-3, dead_tokens=2000,
+    config = TrainConfig(DictionaryConfig(k=4, n_latents=64), total_steps=40, warmup_steps=5, lr=3e-3, dead_tokens=2000,
                          checkpoint_every=20)
 
     def reader():

@@ -7,11 +7,12 @@ a feature's activation is the normalised coordinate. Feature 0 dominates every
 token, so clamping it high leaves the other selections, hence the
 reconstruction error, unchanged.
 """
+import dataclasses
 import pytest
 import torch
 
-from sae_core.errors import DictionaryError
-from sae_core.intervention import SiteContext
+from sae_core.errors import DictionaryError, ScheduleError, SteerError
+from sae_core.sites import SiteContext
 from sae_core.normalize import Standardizer
 from sae_core.sae import SparseAutoencoder
 from sae_core.steering import (
@@ -176,6 +177,18 @@ def test_mask_restricts_the_edit_to_painted_tokens(sae, h):
     assert not torch.equal(out[:, inside], h[:, inside])
 
 
+def test_a_video_mask_steers_the_same_region_of_every_frame(sae):
+    frames = 3
+    x = 0.1 + 0.5 * torch.randn(1, frames * GRID[0] * GRID[1], D, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 6)
+    mask[:, 4:] = 1.0  # the right third: token column 2
+    ctx = dataclasses.replace(context(cond=None), frames=frames)
+    out = steer_function(sae, [Steer((3,), (0.5,), units="raw", mask=mask, cond_only=False)])(x, ctx)
+    changed = (out != x).any(-1)[0].reshape(frames, GRID[0], GRID[1])
+    assert changed[:, :, 2].all() and not changed[:, :, :2].any()
+    assert torch.allclose(out[0, 2] - x[0, 2], 0.5 * sae.direction(3), atol=1e-5)
+
+
 def test_where_active_edits_only_tokens_where_the_feature_fires(sae, h):
     x = h.clone()
     x[..., 7] = 0.1  # normalised coordinate 0: feature 7 (+e_7) and 23 (-e_7) silent...
@@ -220,38 +233,38 @@ def test_out_of_range_feature_names_the_dictionary_size(sae):
 
 
 def test_empty_mask_is_refused():
-    with pytest.raises(DictionaryError, match="the mask is empty: paint the region to steer"):
+    with pytest.raises(SteerError, match="the mask is empty: paint the region to steer"):
         Steer((3,), (1.0,), mask=torch.zeros(8, 8))
 
 
 def test_unknown_mode_and_units_are_refused():
-    with pytest.raises(DictionaryError, match="unknown steering mode 'boost'"):
+    with pytest.raises(SteerError, match="unknown steering mode 'boost'"):
         Steer((3,), (1.0,), mode="boost")
-    with pytest.raises(DictionaryError, match="unknown steering units 'pixels'"):
+    with pytest.raises(SteerError, match="unknown steering units 'pixels'"):
         Steer((3,), (1.0,), units="pixels")
 
 
 def test_mask_on_text_tokens_is_refused(sae, h):
     fn = steer_function(sae, [Steer((3,), (1.0,), mask=torch.ones(4, 6))])
-    with pytest.raises(DictionaryError, match="mask needs image tokens"):
+    with pytest.raises(SteerError, match="mask needs image tokens"):
         fn(h, context(grid=None))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(features=(), strengths=(1.0,)), "no features"),
-    (dict(features=(1, 2, 3), strengths=(1.0, 2.0)), "got 2 strengths for 3 features"),
-    (dict(features=(1, 1), strengths=(1.0,)), "listed twice"),
-    (dict(features=(1, 2, 3), strengths=(1.0,), mode="swap"), "pairs"),
-    (dict(features=(1,), strengths=(1.0,), window=(0.8, 0.2)), "swap start and end"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(features=(), strengths=(1.0,)), SteerError, "no features"),
+    (dict(features=(1, 2, 3), strengths=(1.0, 2.0)), SteerError, "got 2 strengths for 3 features"),
+    (dict(features=(1, 1), strengths=(1.0,)), SteerError, "listed twice"),
+    (dict(features=(1, 2, 3), strengths=(1.0,), mode="swap"), SteerError, "pairs"),
+    (dict(features=(1,), strengths=(1.0,), window=(0.8, 0.2)), ScheduleError, "swap start and end"),
 ])
-def test_malformed_steers_are_refused_with_the_fix(kwargs, message):
-    with pytest.raises(DictionaryError, match=message):
+def test_malformed_steers_are_refused_with_the_fix(kwargs, error, message):
+    with pytest.raises(error, match=message):
         Steer(**kwargs)
 
 
 def test_mean_activation_units_need_recorded_statistics(sae):
     bare = SparseAutoencoder(D, M, K)
-    with pytest.raises(DictionaryError, match="no recorded mean activation.*'token_norm' or 'raw'"):
+    with pytest.raises(SteerError, match="no recorded mean activation.*'token_norm' or 'raw'"):
         steer_function(bare, [Steer((3,), (10.0,), units="mean_activation")])
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from sae_core.errors import DictionaryError
-from sae_core.intervention import SiteContext
+from sae_core.errors import ScheduleError
+from sae_core.sites import SiteContext
 from sae_core.timesteps import in_window, schedule_progress, validate_sigma_range, validate_window
 
 SCHEDULE = [14.6, 7.0, 3.0, 1.0, 0.3]
@@ -77,8 +77,12 @@ def test_no_restriction_is_always_open_even_without_context():
     assert in_window(ctx(), window=(0.0, 1.0), sigma_range=(0.0, math.inf))
 
 
-def test_a_restricting_gate_stays_closed_when_the_context_cannot_answer():
-    assert not in_window(ctx(sigma=1.0), window=(0.0, 0.5))
+def test_a_progress_window_without_a_schedule_is_an_error_that_names_the_fix():
+    with pytest.raises(ScheduleError, match="use a sigma range instead"):
+        in_window(ctx(sigma=1.0), window=(0.0, 0.5))
+
+
+def test_a_sigma_range_without_a_sigma_stays_closed():
     assert not in_window(ctx(progress=0.1), sigma_range=(0.5, 2.0))
 
 
@@ -89,7 +93,7 @@ def test_a_restricting_gate_stays_closed_when_the_context_cannot_answer():
     ((0.2,), "\\(start, end\\)"),
 ])
 def test_invalid_windows_are_refused_with_the_fix(window, message):
-    with pytest.raises(DictionaryError, match=message):
+    with pytest.raises(ScheduleError, match=message):
         validate_window(window)
 
 
@@ -99,7 +103,7 @@ def test_valid_windows_come_back_as_float_pairs():
 
 
 def test_invalid_sigma_ranges_are_refused():
-    with pytest.raises(DictionaryError, match="swap low and high"):
+    with pytest.raises(ScheduleError, match="swap low and high"):
         validate_sigma_range((3.0, 1.0))
-    with pytest.raises(DictionaryError, match="0 <= low"):
+    with pytest.raises(ScheduleError, match="0 <= low"):
         validate_sigma_range((-1.0, 1.0))

@@ -1,6 +1,6 @@
 """Training: learns, survives bad batches and kills, and resumes to the same result."""
+import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from sae_core.errors import DictionaryError
+from sae_core.config import DictionaryConfig, TrainConfig
+from sae_core.errors import ConfigError, TrainingError
 from sae_core.metrics import evaluate
 from sae_core.synthetic import superposition_data
-from sae_core.train import TrainConfig, train_dictionary
+from sae_core.train import CHECKPOINT_NAME, train_dictionary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +30,7 @@ def small_config(**overrides):
     base = dict(k=4, n_latents=64, total_steps=60, batch_size=256, warmup_steps=5, lr=3e-3,
                 dead_tokens=2000, log_every=10, checkpoint_every=20)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # the flat form: the dictionary's options by name among the others
 
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk"])
@@ -90,8 +93,9 @@ def test_progress_callback_sees_every_step(data):
 
 def test_divergence_is_a_clear_error_and_writes_no_checkpoint(tmp_path):
     x = torch.randn(512, 8) * 1e25  # squares overflow float32
-    with pytest.raises(DictionaryError, match="diverged at step 0"):
-        train_dictionary(x, TrainConfig(k=2, n_latents=16, normalization="none", total_steps=5, batch_size=64), checkpoint_dir=tmp_path)
+    with pytest.raises(TrainingError, match="diverged at step 0"):
+        config = TrainConfig(DictionaryConfig(k=2, n_latents=16, normalization="none"), total_steps=5, batch_size=64)
+        train_dictionary(x, config, checkpoint_dir=tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -119,12 +123,13 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(data, tmp_path)
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from sae_core.train import TrainConfig, train_dictionary
+        from sae_core.config import TrainConfig
+        from sae_core.train import train_dictionary
         data = torch.load({str(tmp_path / 'data.pt')!r}, weights_only=True)
         def kill(step, total, metrics):
             if step == 30:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train_dictionary(data, TrainConfig(**{small_config(total_steps=40).to_dict()!r}),
+        train_dictionary(data, TrainConfig.from_dict({small_config(total_steps=40).to_dict()!r}),
                          checkpoint_dir={str(tmp_path / 'ckpt')!r}, progress=kill)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
@@ -137,15 +142,62 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(data, tmp_path)
     assert torch.equal(resumed.dictionary.W_dec, full.W_dec)
 
 
+LEGACY_CHECKPOINT_CONFIG = {
+    "kind": "topk", "k": 4, "n_latents": 64, "expansion_factor": 16, "normalization": "scale",
+    "b_dec_init": "geometric_median", "total_steps": 40, "batch_size": 256, "lr": 0.003, "betas": [0.9, 0.999],
+    "warmup_steps": 5, "decay_fraction": 0.2, "grad_clip": 1.0, "auxk": None, "auxk_coef": 0.03125,
+    "dead_tokens": 2000, "threshold_momentum": 0.99, "loss_threshold": 0.3, "max_atoms": 50000, "init_tokens": 16384,
+    "seed": 0, "log_every": 10, "checkpoint_every": 20, "device": "cpu", "compute_dtype": "float32",
+}
+"""small_config(total_steps=40) as checkpoints stored it before the dictionary's options moved into DictionaryConfig."""
+
+
+def _rewrite_checkpoint_config(path: Path, config: dict) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta["state"])
+    state["config"] = config
+    save_file(tensors, str(path), {**meta, "state": json.dumps(state)})
+
+
+def test_a_checkpoint_with_the_flat_config_of_earlier_versions_resumes_to_the_same_result(data, tmp_path):
+    config = small_config(total_steps=40)
+    assert TrainConfig.from_dict(LEGACY_CHECKPOINT_CONFIG) == config
+    full = train_dictionary(data, config).dictionary
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_25(step, total, metrics):
+        if step == 25:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_dictionary(data, config, checkpoint_dir=tmp_path, progress=stop_at_25)
+    _rewrite_checkpoint_config(tmp_path / CHECKPOINT_NAME, LEGACY_CHECKPOINT_CONFIG)
+    resumed = train_dictionary(data, config, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 20
+    for (name, a), b in zip(full.state_dict().items(), resumed.dictionary.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_may_lengthen_the_run_but_not_change_the_dictionary(data, tmp_path):
+    train_dictionary(data, small_config(total_steps=20), checkpoint_dir=tmp_path)
+    longer = train_dictionary(data, small_config(total_steps=30, warmup_steps=None, log_every=5), checkpoint_dir=tmp_path)
+    assert longer.resumed_from_step == 20 and longer.history[-1]["step"] == 30
+    with pytest.raises(ConfigError, match="different settings \\(normalization\\)"):
+        train_dictionary(data, small_config(total_steps=40, normalization="none"), checkpoint_dir=tmp_path)
+
+
 def test_checkpoint_with_other_settings_is_refused(data, tmp_path):
     train_dictionary(data, small_config(total_steps=20), checkpoint_dir=tmp_path)
-    with pytest.raises(DictionaryError, match="different settings \\(k\\)"):
+    with pytest.raises(ConfigError, match="different settings \\(k\\)"):
         train_dictionary(data, small_config(total_steps=20, k=3), checkpoint_dir=tmp_path)
 
 
 def test_batches_from_another_site_are_refused(data):
     batches = [data[:200], torch.randn(200, 9)]
-    with pytest.raises(DictionaryError, match="width 9 but the dictionary has d_in=16"):
+    with pytest.raises(TrainingError, match="width 9 but the dictionary has d_in=16"):
         train_dictionary(batches, small_config(total_steps=5))
 
 
@@ -154,11 +206,11 @@ def test_trained_dictionary_carries_firing_statistics_and_a_summary(data):
     assert 0 < float(sae.firing_frequency.sum())
     assert float(sae.mean_activation.max()) > 0
     assert sae.metadata["training"]["steps"] == 30
-    assert sae.metadata["training"]["config"]["k"] == 4
+    assert sae.metadata["training"]["config"]["dictionary"]["k"] == 4
 
 
 def test_unknown_option_in_a_config_file_is_named():
-    with pytest.raises(DictionaryError, match="unknown training option\\(s\\) learning_rate"):
+    with pytest.raises(ConfigError, match="unknown training option\\(s\\) learning_rate"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
 
 

@@ -15,10 +15,11 @@ STREAMS = ("image", "text", "joint", "residual", "update")
 class Site:
     """One activation site.
 
-    family: model family ("flux", "sd15", "sdxl", or any adapter's name).
-    block: the adapter's block name, e.g. "double_blocks.18", "output_blocks.4".
-    stream: which tokens/tensor: "image", "text", "joint" (single-block cat(txt, img)),
-        "residual" (U-Net hidden state) or "update" (block output minus input).
+    family: model family ("flux", "sd15", "sdxl", "sd3", "wan", ...: see :mod:`sae_core.sites.families`).
+    block: the canonical block name (ComfyUI's module path), e.g. "double_blocks.18", "output_blocks.4";
+        other runtimes' names are translated by the family's :class:`~sae_core.sites.Catalogue`.
+    stream: which tokens/tensor: "image", "text", "residual" (U-Net hidden state) or
+        "update" (the image tokens' block output minus block input).
     timestep_window: (start, end) in sampling progress 0..1, or None for any time.
     """
 
@@ -54,7 +55,3 @@ class Site:
             when = f" @ t in [{self.timestep_window[0]:g}, {self.timestep_window[1]:g}]"
         return f"{self.family}:{self.block}:{self.stream}{when}"
 
-
-def find_site(sites: list[Site], wanted: Site) -> Site | None:
-    """The entry of ``sites`` (a model's own) with ``wanted``'s block and stream, if any."""
-    return next((own for own in sites if (own.block, own.stream) == (wanted.block, wanted.stream)), None)
