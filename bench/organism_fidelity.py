@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from training.organism.classifier import classify_outputs, load_classifier
-from training.organism.data import CLASSES, DIGITS, class_prompt
+from organism.classifier import classify_outputs, load_classifier
+from organism.data import CLASSES, DIGITS, class_prompt
 from training.runner import load_runner
 
 

@@ -18,8 +18,7 @@ import contextlib
 import torch
 
 from bench.timing import device_name, timed, write_rows
-from sae_core import Site, SparseAutoencoder, Steer, steer_function
-from sae_core.intervention import SiteContext
+from sae_core import Site, SiteContext, SparseAutoencoder, Steer, steer_function
 
 FULL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,

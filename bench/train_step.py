@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bench.timing import device_name, timed, write_rows
 from sae_core.kernels import fused_topk_encode, sparse_decode
-from sae_core.sae import SparseAutoencoder
+from sae_core import SparseAutoencoder
 
 
 

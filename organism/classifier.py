@@ -2,17 +2,18 @@
 
 Trained on the organism's own training split (real digits and silhouettes), checked on the held-out
 split. Steering experiments count how often a sample's class flips to a target, so what matters is
-that it is accurate on real images and calibrated enough to report a confidence.
+that it is accurate on real images and calibrated enough to report a confidence. Its training is in
+``training/organism_fit.py``; here is what builds, loads and runs it.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from . import WEIGHTS
 from .data import CLASSES, Dataset
 
 FILE = "classifier.safetensors"
@@ -26,30 +27,6 @@ def build_classifier() -> nn.Module:
 
     return nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Dropout(0.2), nn.Linear(128, len(CLASSES)))
-
-
-def train_classifier(train: Dataset, epochs: int = 6, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> nn.Module:
-    """AdamW with one-cycle decay and light shift augmentation (generated images are not centred exactly)."""
-    torch.manual_seed(seed)
-    model = build_classifier()
-    steps = epochs * (len(train) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train), generator=gen)
-        for i in range(len(train) // batch_size):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            x = train.images[idx]
-            shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = nn.functional.cross_entropy(model(x), train.labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -69,18 +46,8 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
     return float((predicted == data.labels).float().mean())
 
 
-def save_classifier(model: nn.Module, folder: Path) -> Path:
-    from sae_core.atomic import save_safetensors_atomic
-
-    path = folder / FILE
-    save_safetensors_atomic(path, model.state_dict(), {"classes": ",".join(CLASSES)})
-    return path
-
-
 def load_classifier(folder: Optional[Path] = None) -> nn.Module:
     from safetensors.torch import load_file
-
-    from .build import WEIGHTS
 
     path = (folder or WEIGHTS) / FILE
     if not path.exists():
@@ -88,10 +55,3 @@ def load_classifier(folder: Optional[Path] = None) -> nn.Module:
     model = build_classifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval()
-
-
-def fit_and_report(train: Dataset, held_out: Dataset, folder: Path) -> dict:
-    start = time.perf_counter()
-    model = train_classifier(train)
-    save_classifier(model, folder)
-    return {"held_out_accuracy": round(accuracy(model, held_out), 4), "seconds": round(time.perf_counter() - start, 1)}

@@ -4,6 +4,10 @@ torchvision 0.28.0 from PyPI links CUDA torch; beside the CPU torch 2.13.0 its i
 "operator torchvision::nms does not exist", and diffusers (through transformers) imports it.
 Defining the two op schemas torchvision expects lets it import; nothing we run calls them.
 A venv without torchvision, or with a matching one, needs nothing and gets nothing.
+
+Here, in ``organism``, because the sentence encoder and the pipelines need it on both sides (plugin and
+trainer); ``training.compat`` re-exports it. Only the standard library at module level: the ComfyUI test
+harness loads this file by path before ComfyUI's server starts.
 """
 from __future__ import annotations
 

@@ -7,8 +7,6 @@ Both are read straight from the installed packages' data files (neither package 
 pulls scikit-learn and pandas, animal-shape-mnist tensorflow). The animal file is a numpy pickle; it is
 read by an unpickler that builds numpy arrays and nothing else.
 
-Only relative imports: ComfyUI reaches this package as part of the plugin (see nodes/organism_nodes.py).
-
 Images are padded to 32x32 and scaled to [-1, 1], one channel. There are 20 classes: the digits
 0-9, then the animals. Captions name the class and, for digits, what a reader sees: stroke weight
 from the ink mass, slant from the second moments ("a thick handwritten seven, slanted right").
@@ -32,6 +30,8 @@ ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", 
 CLASSES = DIGITS + ANIMALS
 """Class names; a class id is an index into this tuple."""
 SIZE = 32
+HOLDOUT = 0.1
+"""The held-out fraction of :func:`organism_data`."""
 
 
 @dataclass
@@ -167,3 +167,8 @@ def class_prompt(class_id: int) -> str:
     """The plain prompt for a class: what steering experiments ask for and classify against."""
     name = CLASSES[class_id]
     return f"a handwritten {name}" if class_id < len(DIGITS) else animal_caption(name, random.Random(0))
+
+
+def organism_data(seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The (train, held-out) split every organism component uses."""
+    return load_dataset().split(HOLDOUT, seed)

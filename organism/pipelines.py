@@ -13,8 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..compat import apply_torchvision_workaround
-
+from .compat import apply_torchvision_workaround
 from .models import LATENT_CHANNELS, LATENT_SIZE, flux_velocity, from_latent, pack, unpack
 from .text import shared_encoder
 

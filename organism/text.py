@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compat import apply_torchvision_workaround
-
+from .compat import apply_torchvision_workaround
 from .data import package_file
 
 MAX_TOKENS = 16

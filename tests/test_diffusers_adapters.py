@@ -20,10 +20,11 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 
-from sae_core.errors import DictionaryError  # noqa: E402
-from sae_core.site import Site  # noqa: E402
-from training.adapters import ModelCall, SamplingState, adapter_for, attach, available_sites  # noqa: E402
-from training.adapters.flux import token_grid  # noqa: E402
+from sae_core import SparseAutoencoder, Steer, steer_function  # noqa: E402
+from sae_core.errors import ConfigError, ScheduleError, SiteError  # noqa: E402
+from sae_core.sites import Site  # noqa: E402
+from training.adapters import ModelCall, SamplingState, Span, adapter_for, attach, available_sites, resolve_site  # noqa: E402
+from training.adapters.transformers import token_grid  # noqa: E402
 
 B, TEXT, ROWS, COLS = 2, 5, 3, 4
 D_FLUX = 32
@@ -87,7 +88,7 @@ def assert_no_hooks(model):
 
 
 def site(model, block, stream):
-    return next(s for s in available_sites(model) if (s.block, s.stream) == (block, stream))
+    return resolve_site(model, f"{block}:{stream}")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -164,8 +165,15 @@ def run(model, inputs):
 
 def test_flux_lists_double_and_single_block_sites(flux):
     names = [(s.family, s.block, s.stream, s.extra["d"]) for s in available_sites(flux)]
-    assert names == [("flux", f"double_blocks.{i}", stream, D_FLUX) for i in range(2) for stream in ("image", "text", "update")] + \
-        [("flux", f"single_blocks.{i}", stream, D_FLUX) for i in range(2) for stream in ("image", "update")]
+    assert names == [("flux", f"{kind}.{i}", stream, D_FLUX) for kind in ("double_blocks", "single_blocks")
+                     for i in range(2) for stream in ("image", "text", "update")]
+
+
+def test_flux_sites_resolve_by_either_runtimes_name(flux):
+    assert resolve_site(flux, "transformer_blocks.1:text") == resolve_site(flux, "double_blocks.1:text")
+    assert resolve_site(flux, "single_transformer_blocks.0:image").name == "single_blocks.0:image"
+    assert resolve_site(flux, Site("flux", "double_blocks.1", "image", timestep_window=(0.0, 0.5))).timestep_window == (0.0, 0.5)
+    assert resolve_site(flux, "flux:double_blocks.0:update").extra["d"] == D_FLUX
 
 
 def test_flux_blocks_return_text_then_image(flux, flux_inputs):
@@ -251,44 +259,63 @@ def test_flux_grid_comes_from_img_ids():
 # ---------------------------------------------------------------------------------------- U-Net: sites
 
 
-def test_unet_families_and_sites(sd15, sdxl):
+def test_unet_sites_are_comfyuis_blocks_and_the_transformers_inside_them(sd15, sdxl):
     def names(model):
         return {(s.block, s.stream): s.extra["d"] for s in available_sites(model)}
 
     assert {s.family for s in available_sites(sd15)} == {"sd15"}
     assert {s.family for s in available_sites(sdxl)} == {"sdxl"}
     assert names(sd15) == {
-        ("down_blocks.0", "residual"): 32, ("down_blocks.0.attentions.0", "update"): 32,
-        ("down_blocks.1", "residual"): 64, ("down_blocks.1.attentions.0", "update"): 64,
-        ("mid_block", "residual"): 64, ("mid_block", "update"): 64, ("mid_block.attentions.0", "update"): 64,
-        ("up_blocks.0", "residual"): 64, ("up_blocks.0.attentions.0", "update"): 64,
-        ("up_blocks.0.attentions.1", "update"): 64,
-        ("up_blocks.1", "residual"): 32, ("up_blocks.1.attentions.0", "update"): 32,
-        ("up_blocks.1.attentions.1", "update"): 32,
+        ("input_blocks.0", "residual"): 32, ("input_blocks.1", "residual"): 32, ("input_blocks.1", "update"): 32,
+        ("input_blocks.2", "residual"): 32, ("input_blocks.3", "residual"): 64,
+        ("middle_block", "residual"): 64, ("middle_block", "update"): 64,
+        ("output_blocks.0", "residual"): 64, ("output_blocks.1", "residual"): 64,
+        ("output_blocks.2", "residual"): 32, ("output_blocks.3", "residual"): 32,
+        ("input_blocks.1.1", "update"): 32, ("input_blocks.3.1", "update"): 64, ("middle_block.1", "update"): 64,
+        ("output_blocks.0.1", "update"): 64, ("output_blocks.1.1", "update"): 64,
+        ("output_blocks.2.1", "update"): 32, ("output_blocks.3.1", "update"): 32,
     }
-    assert ("down_blocks.0.attentions.0", "update") not in names(sdxl)  # DownBlock2D has no attention
-    assert ("mid_block.attentions.0", "update") in names(sdxl)
+    # The sites diffusers' names used to offer still resolve, with their widths.
+    old = {
+        "down_blocks.0:residual": 32, "down_blocks.0.attentions.0:update": 32, "down_blocks.1:residual": 64,
+        "down_blocks.1.attentions.0:update": 64, "mid_block:residual": 64, "mid_block:update": 64,
+        "mid_block.attentions.0:update": 64, "up_blocks.0:residual": 64, "up_blocks.0.attentions.0:update": 64,
+        "up_blocks.0.attentions.1:update": 64, "up_blocks.1:residual": 32, "up_blocks.1.attentions.0:update": 32,
+        "up_blocks.1.attentions.1:update": 32,
+    }
+    assert {name: resolve_site(sd15, name).extra["d"] for name in old} == old
+    with pytest.raises(SiteError, match="unknown site down_blocks.0.attentions.0:update"):
+        resolve_site(sdxl, "down_blocks.0.attentions.0:update")  # DownBlock2D has no attention
+    assert resolve_site(sdxl, "mid_block.attentions.0:update").block == "middle_block.1"
+
+
+def _module_names(model) -> dict:
+    """Site block -> (diffusers module whose output it is, module whose input is its input)."""
+    catalogue = adapter_for(model).catalogue(model)
+    return {b.name: (b.module("diffusers"), b.input_module("diffusers")) for b in catalogue.blocks}
 
 
 def test_unet_update_is_listed_exactly_where_a_block_keeps_its_shape(sd15, unet_inputs):
-    blocks = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
-    with ManualHooks(sd15, blocks) as manual:
+    modules = _module_names(sd15)
+    with ManualHooks(sd15, sorted({m for pair in modules.values() for m in pair})) as manual:
         run(sd15, unet_inputs)
     listed = {s.block for s in available_sites(sd15) if s.stream == "update"}
-    for name in blocks:
-        output = manual.outputs[name]
+    for block, (out_module, in_module) in modules.items():
+        output = manual.outputs[out_module]
         output = output[0] if isinstance(output, tuple) else output
-        assert (name in listed) == (output.shape == hidden_input(manual.inputs[name]).shape), name
+        assert (block in listed) == (output.shape == hidden_input(manual.inputs[in_module]).shape), block
 
 
 def test_unet_capture_is_the_output_map_as_tokens(sd15, unet_inputs):
+    modules = _module_names(sd15)
     recorders = {s: Recorder() for s in available_sites(sd15)}
-    with ManualHooks(sd15, sorted({s.block for s in recorders})) as manual, attach(sd15, recorders):
+    with ManualHooks(sd15, sorted({m for pair in modules.values() for m in pair})) as manual, attach(sd15, recorders):
         run(sd15, unet_inputs)
     for s, recorder in recorders.items():
-        output = manual.outputs[s.block]
+        out_module, in_module = modules[s.block]
+        output = manual.outputs[out_module]
         output = output[0] if isinstance(output, tuple) else output
-        x = output - hidden_input(manual.inputs[s.block]) if s.stream == "update" else output
+        x = output - hidden_input(manual.inputs[in_module]) if s.stream == "update" else output
         (h,), (ctx,) = recorder.h, recorder.ctx
         height, width = x.shape[-2:]
         assert h.shape == (B, height * width, s.extra["d"]) and ctx.grid == (height, width), s
@@ -351,24 +378,22 @@ def test_unet_update_edit_adds_to_the_block_output(sd15, unet_inputs):
 # ------------------------------------------------------------------------------- errors and clean-up
 
 
-def test_unknown_site_lists_the_available_ones(flux, sd15):
-    with pytest.raises(DictionaryError, match=r"site double_blocks\.7:image not found in this flux model; "
-                                              r"available: double_blocks\.0:image, "):
+def test_unknown_site_lists_the_available_ones(flux):
+    with pytest.raises(SiteError, match=r"unknown site double_blocks\.7:image for this flux model; "
+                                        r"available sites: double_blocks\.0:image, "):
         with attach(flux, {Site("flux", "double_blocks.7", "image"): identity}):
             pass
-    with pytest.raises(DictionaryError, match=r"not found in this sd15 model; available: .*mid_block:residual"):
-        with attach(sd15, {Site("sd15", "output_blocks.4", "residual"): identity}):
+    with pytest.raises(SiteError, match="is for a sd3 model, but this model is flux"):
+        with attach(flux, {Site("sd3", "double_blocks.0", "image"): identity}):
             pass
-    with pytest.raises(DictionaryError, match="is for a sdxl model, but this is a sd15 model"):
-        with attach(sd15, {Site("sdxl", "mid_block", "residual"): identity}):
-            pass
+    with pytest.raises(SiteError, match=r"unknown site transformer_blocks\.9:image .*single_blocks\.1:update"):
+        resolve_site(flux, "transformer_blocks.9:image")
     assert_no_hooks(flux)
-    assert_no_hooks(sd15)
 
 
 def test_unsupported_model_class_names_the_supported_ones():
-    with pytest.raises(DictionaryError, match="unsupported model class Linear: supported are "
-                                              "FluxTransformer2DModel, UNet2DConditionModel"):
+    with pytest.raises(SiteError, match="unsupported model class Linear: supported are FluxTransformer2DModel, "
+                                        ".*SD3Transformer2DModel, .*UNet2DConditionModel"):
         available_sites(torch.nn.Linear(2, 2))
 
 
@@ -390,7 +415,7 @@ def test_exceptions_still_remove_the_hooks(flux, flux_inputs):
 
 
 def test_a_wrongly_shaped_result_is_refused(flux, flux_inputs):
-    with pytest.raises(DictionaryError, match=r"returned \(2, 12, 31\), expected \(2, 12, 32\)"):
+    with pytest.raises(SiteError, match=r"returned \(2, 12, 31\), expected \(2, 12, 32\)"):
         with attach(flux, {site(flux, "double_blocks.0", "image"): lambda h, ctx: h[..., :-1]}):
             run(flux, flux_inputs)
     assert_no_hooks(flux)
@@ -418,7 +443,7 @@ def test_direct_calls_know_only_what_the_call_says(flux, flux_inputs, sd15, unet
     with attach(sd15, {site(sd15, "mid_block", "residual"): unet_seen}):
         run(sd15, unet_inputs)
     flux_ctx, unet_ctx = flux_seen.ctx[0], unet_seen.ctx[0]
-    assert (flux_ctx.sigma, flux_ctx.progress, flux_ctx.cond) == (0.75, None, None)  # Flux's timestep is sigma
+    assert (flux_ctx.sigma, flux_ctx.progress, flux_ctx.cond, flux_ctx.timestep) == (0.75, None, None, 0.75)  # sigma
     assert (unet_ctx.sigma, unet_ctx.progress, unet_ctx.cond, unet_ctx.grid) == (None, None, None, (4, 4))
 
 
@@ -464,12 +489,46 @@ def test_sampling_state_sequential_guidance_alternates_and_the_callback_advances
 
 
 def test_sampling_state_refuses_guidance_that_contradicts_the_pipeline():
-    with pytest.raises(DictionaryError, match="use 'batched'"):
+    with pytest.raises(ConfigError, match="use the pipeline's CFG layout"):
         SamplingState(guidance="none").on_step_end(SimpleNamespace(num_timesteps=2, do_classifier_free_guidance=True), 0, 0, {})
-    with pytest.raises(DictionaryError, match="guidance must be one of"):
+    with pytest.raises(ConfigError, match="use 'none'"):
+        SamplingState(guidance="sequential").on_step_end(SimpleNamespace(num_timesteps=2, do_classifier_free_guidance=False), 0, 0, {})
+    with pytest.raises(ConfigError, match="guidance must be one of"):
         SamplingState(guidance="cfg")
-    with pytest.raises(DictionaryError, match=r"expects \[uncond, cond\] halves, but the model got 3 rows"):
-        SamplingState(guidance="batched").call_context(ModelCall(batch=3, timestep=None, sigma=None, grid=None))
+    with pytest.raises(ConfigError, match=r"expects cond and uncond halves, but the model got 3 rows"):
+        SamplingState(guidance="batched").context_values(ModelCall(batch=3, timestep=None, sigma=None, grid=None))
+
+
+def test_batched_guidance_marks_the_half_the_pipeline_gives_the_prompt():
+    call = ModelCall(batch=4, timestep=None, sigma=0.5, grid=None)
+    assert SamplingState(guidance="batched").context_values(call)["cond"].tolist() == [False, False, True, True]
+    assert SamplingState(guidance="batched_cond_first").context_values(call)["cond"].tolist() == [True, True, False, False]
+
+
+def test_a_progress_window_on_a_bare_model_call_raises_and_says_to_use_a_sigma_range(flux, flux_inputs):
+    """A user's own loop gives no schedule: a progress window cannot be placed, and must not silently do nothing."""
+    dictionary, plain = SparseAutoencoder(D_FLUX, 16, 2), run(flux, flux_inputs)
+    windowed = steer_function(dictionary, [Steer((1,), (1.0,), window=(0.0, 0.5))])
+    with pytest.raises(ScheduleError, match="use a sigma range"):
+        with attach(flux, {site(flux, "double_blocks.0", "image"): windowed}):
+            run(flux, flux_inputs)
+    assert_no_hooks(flux)
+    by_sigma = steer_function(dictionary, [Steer((1,), (1.0,), sigma_range=(0.0, 0.5))])  # the call is at sigma 0.75
+    with attach(flux, {site(flux, "double_blocks.0", "image"): by_sigma}):
+        assert torch.equal(run(flux, flux_inputs), plain)
+    schedule = {"schedule": [1.0, 0.75, 0.5, 0.0]}  # with the sampler's schedule the window is placed: progress 0.5
+    with attach(flux, {site(flux, "double_blocks.0", "image"): windowed}, context=lambda: schedule):
+        assert not torch.equal(run(flux, flux_inputs), plain)
+
+
+def test_span_takes_and_puts_back_each_rows_own_tokens():
+    x = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6, 1)
+    span = Span(torch.tensor([1, 2]), torch.tensor([3, 2]))
+    part = span.take(x)
+    assert part[..., 0].tolist() == [[1, 2, 3], [8, 9, 0]]  # row 1 is one token shorter: padded with a zero
+    back = span.put(x, part + 100)
+    assert back[..., 0].tolist() == [[0, 101, 102, 103, 4, 5], [6, 7, 108, 109, 10, 11]]  # the pad is dropped
+    assert torch.equal(Span(2, 3).put(x, Span(2, 3).take(x) + 0), x)
 
 
 def test_stable_diffusion_pipeline_batches_uncond_then_cond(sd15):

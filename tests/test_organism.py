@@ -14,11 +14,11 @@ import torch
 from training.compat import apply_torchvision_workaround
 
 apply_torchvision_workaround()
-from training.organism.build import WEIGHTS, organism_data  # noqa: E402
-from training.organism.classifier import accuracy, classify_outputs, load_classifier  # noqa: E402
-from training.organism.data import CLASSES, _load_numpy_pickle, class_prompt, load_dataset, stroke_and_slant  # noqa: E402
-from training.organism.fit import FitConfig, fit  # noqa: E402
-from training.organism.text import shared_encoder  # noqa: E402
+from organism import WEIGHTS  # noqa: E402
+from organism.classifier import accuracy, classify_outputs, load_classifier  # noqa: E402
+from organism.data import CLASSES, _load_numpy_pickle, class_prompt, load_dataset, organism_data, stroke_and_slant  # noqa: E402
+from organism.text import shared_encoder  # noqa: E402
+from training.organism_fit import FitConfig, fit  # noqa: E402
 from training.runner import load_runner  # noqa: E402
 
 
@@ -127,3 +127,12 @@ def test_the_organism_command_rebuilds_a_loadable_pipeline_folder(tmp_path: Path
     runner = load_runner(str(out / "flux"))
     assert runner.kind == "OrganismFluxPipeline"
     assert runner.generate(["a handwritten one"], seeds=[0]).shape == (1, 1, 32, 32)
+
+
+def test_a_rebuilt_classifier_is_saved_where_the_loader_finds_it(dataset, tmp_path: Path):
+    from training.organism_build import fit_and_report
+
+    small = dataset.subset(torch.arange(0, 15_000, 50))
+    report = fit_and_report(small, small, tmp_path)
+    assert 0 <= report["held_out_accuracy"] <= 1
+    assert round(accuracy(load_classifier(tmp_path), small), 4) == report["held_out_accuracy"]

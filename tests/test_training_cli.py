@@ -3,8 +3,10 @@ answers to bad input."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +42,48 @@ def all_rows(directory: Path) -> dict[str, torch.Tensor]:
     key = rows["sample_id"] * 10**9 + (rows["timestep"] * 10**6).round().long() * 1000 + rows["token"]
     order = torch.sort(key, stable=True).indices
     return {k: v[order] for k, v in rows.items()}
+
+
+def samples_on_disk(directory: Path) -> list[int]:
+    """The sample ids in a capture's finished shard files (read from the files, not the manifest, which a
+    kill may leave one shard behind)."""
+    ids: set[int] = set()
+    for shard in directory.glob("shard_*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            ids.update(f.get_tensor("sample_id").tolist())
+    return sorted(ids)
+
+
+def shard_files(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """Each finished shard's inode, modification time and content hash: all three stay equal only if
+    nobody deleted, rewrote or replaced the file."""
+    states = {}
+    for shard in sorted(directory.glob("shard_*.safetensors")):
+        stat = shard.stat()
+        states[shard.name] = (stat.st_ino, stat.st_mtime_ns, hashlib.sha256(shard.read_bytes()).hexdigest())
+    return states
+
+
+LOGGED_GENERATE = """\
+import sys
+import training.runner
+generate = training.runner.Runner.generate
+def logged(self, prompts, seeds, **kwargs):
+    print("generating seeds", *seeds, file=sys.stderr, flush=True)
+    return generate(self, prompts, seeds, **kwargs)
+training.runner.Runner.generate = logged
+from training.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli_logging_generation(*args: str) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """``python -m training ARGS`` in a fresh process that reports each image it generates; returns the
+    result and the seeds generated (with the default --seed 0, sample s is drawn from seed s)."""
+    result = subprocess.run([sys.executable, "-c", LOGGED_GENERATE, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seeds = [int(s) for found in re.findall(r"generating seeds((?: \d+)+)", result.stderr) for s in found.split()]
+    return result, seeds
 
 
 @pytest.fixture()
@@ -175,7 +219,8 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path: Path, prompts: Pat
 def test_a_site_the_model_lacks_lists_the_ones_it_has(prompts: Path, tmp_path: Path, capsys):
     assert main(["capture", "--prompts", str(prompts), "--sites", "double_blocks.7:image", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
-    assert "has no site 'double_blocks.7:image'" in err and "double_blocks.1:image" in err
+    assert "unknown site double_blocks.7:image for this flux model; available sites: " in err
+    assert "double_blocks.1:image" in err
     assert not (tmp_path / "a").exists()
 
 
@@ -195,14 +240,21 @@ def test_garbage_prompt_files_are_refused_before_any_work(content: bytes, messag
 
 
 @pytest.mark.parametrize("subsample", [[], ["--tokens-per-image", "16"]], ids=["all tokens", "token subsets"])
-def test_a_full_disk_leaves_only_whole_shards_and_the_rerun_completes_the_capture(subsample: list[str], prompts: Path,
-                                                                                  tmp_path: Path, monkeypatch, capsys):
+def test_a_full_disk_keeps_the_whole_shards_and_the_rerun_generates_only_the_missing_samples(
+        subsample: list[str], prompts: Path, tmp_path: Path, monkeypatch, capsys):
     import sae_core.atomic as atomic
+    from training.runner import Runner
 
     shard_tokens = "320" if subsample else "1280"  # one sample (20 steps) per shard either way
     args = ["capture", "--prompts", str(prompts), "--sites", SITE, "--shard-tokens", shard_tokens, "--batch-size", "1",
             *subsample]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+
+    real_generate, generated = Runner.generate, []
+
+    def counting_generate(self, prompts, seeds, **kwargs):
+        generated.extend(seeds)
+        return real_generate(self, prompts, seeds, **kwargs)
 
     real_save, calls = atomic.save_file, []
 
@@ -213,17 +265,23 @@ def test_a_full_disk_leaves_only_whole_shards_and_the_rerun_completes_the_captur
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, path, metadata=metadata)
 
+    monkeypatch.setattr(Runner, "generate", counting_generate)
     monkeypatch.setattr(atomic, "save_file", save_until_full)
     assert main([*args, "--out", str(tmp_path / "full")]) == 2
     assert "disk full" in capsys.readouterr().err
+    assert generated == [0, 1, 2]  # the run stopped at the third (last) sample's shard
     directory = tmp_path / "full" / SITE_DIR
     assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "shard_00000.safetensors", "shard_00001.safetensors"]
-    for shard in directory.glob("shard_*"):
-        with safe_open(str(shard), "pt") as f:
-            assert f.get_tensor("activations").shape[0] > 0
+    assert samples_on_disk(directory) == [0, 1]
+    finished = shard_files(directory)
 
     monkeypatch.setattr(atomic, "save_file", real_save)
+    generated.clear()
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    assert generated == [2]  # the rerun made only the sample the disk had no room for
+    after = shard_files(directory)
+    assert {name: after.get(name) for name in finished} == finished  # the finished shards were left alone
+    assert sorted(after) == ["shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
     clean, resumed = all_rows(tmp_path / "clean" / SITE_DIR), all_rows(directory)
     for key in clean:
         assert torch.equal(clean[key], resumed[key]), key
@@ -239,9 +297,9 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
     process.wait()
 
 
-def test_a_capture_killed_midway_continues_when_rerun(prompts: Path, tmp_path: Path):
+def test_a_capture_killed_midway_keeps_its_shards_and_the_rerun_generates_only_the_rest(prompts: Path, tmp_path: Path):
     args = ["capture", "--prompts", str(prompts), "--sites", SITE, "--images-per-prompt", "3",
-            "--shard-tokens", "1280", "--batch-size", "1"]
+            "--shard-tokens", "1280", "--batch-size", "1"]  # 9 samples, one per shard
     # The reference runs in its own process too: this test process may hold ComfyUI, whose import
     # changes torch's numerics settings, so only process-to-process results compare bit for bit.
     assert run_cli(*args, "--out", str(tmp_path / "clean")).returncode == 0
@@ -249,8 +307,16 @@ def test_a_capture_killed_midway_continues_when_rerun(prompts: Path, tmp_path: P
     process = subprocess.Popen([sys.executable, "-m", "training", *args, "--out", str(tmp_path / "killed")], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _kill_when(process, lambda: len(list(killed.glob("shard_*.safetensors"))) >= 3)
-    result = run_cli(*args, "--out", str(tmp_path / "killed"))
+    stored = samples_on_disk(killed)
+    assert 3 <= len(stored) < 9 and stored == list(range(len(stored))), stored  # killed midway, samples in order
+    finished = shard_files(killed)
+
+    result, generated = run_cli_logging_generation(*args, "--out", str(tmp_path / "killed"))
     assert result.returncode == 0, result.stderr
+    assert generated == list(range(len(stored), 9))  # it continued at the first sample not on disk
+    after = shard_files(killed)
+    assert {name: after.get(name) for name in finished} == finished  # the killed run's shards were left alone
+    assert len(after) == 9
     clean, resumed = all_rows(tmp_path / "clean" / SITE_DIR), all_rows(killed)
     for key in clean:
         assert torch.equal(clean[key], resumed[key]), key
@@ -311,7 +377,7 @@ def test_a_dictionary_used_at_a_site_of_another_width_is_refused(captured: Path,
 
 
 def test_real_images_are_captured_once_per_noise_level_and_resume(tmp_path: Path, capsys):
-    from training.organism.data import mnist_digits
+    from organism.data import mnist_digits
 
     digits, _ = mnist_digits()
     folder = tmp_path / "images"
@@ -341,11 +407,19 @@ def test_a_local_stable_diffusion_folder_is_captured_trained_on_and_steered(tmp_
     common = ["--model", str(folder), "--sample-steps", "3"]
     assert main(["capture", *common, "--prompts", str(prompts), "--sites", "up_blocks.1:residual", "mid_block:residual",
                  "--out", str(tmp_path / "acts")]) == 0
-    rows = all_rows(tmp_path / "acts" / "up_blocks.1-residual")
+    from diffusers import UNet2DConditionModel
+
+    from training.adapters import resolve_site
+
+    # shards are stored under the site's canonical (ComfyUI) name, whichever runtime's name was asked for
+    canonical = resolve_site(UNet2DConditionModel.from_pretrained(folder / "unet"), "up_blocks.1:residual").name
+    assert canonical.startswith("output_blocks.")
+    shards = tmp_path / "acts" / canonical.replace(":", "-")
+    rows = all_rows(shards)
     assert rows["activations"].shape == (3 * 3 * 64, 32)  # 3 prompts x 3 steps x an 8x8 map of 32 channels
     assert len(rows["timestep"].unique()) == 3 and float(rows["timestep"].max()) > 1  # DDPM sigmas
     dictionary = tmp_path / "sd.safetensors"
-    assert main(["train", "--shards", str(tmp_path / "acts" / "up_blocks.1-residual"), "--k", "4", "--latents", "64",
+    assert main(["train", "--shards", str(shards), "--k", "4", "--latents", "64",
                  "--train-steps", "5", "--batch-size", "64", "--out", str(dictionary)]) == 0
     assert main(["steer", *common, "--dictionary", str(dictionary), "--prompt", "a cat", "--features", "1",
                  "--strengths", "0", "1", "--out", str(tmp_path / "steer.png")]) == 0

@@ -24,7 +24,10 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from sae_core import DictionaryError, ShardReader, TrainConfig, evaluate, load_dictionary, save_dictionary, train_dictionary
+from organism.errors import OrganismError
+from sae_core import (ConfigError, DictionaryConfig, DictionaryError, SAEError, ShardReader, TrainConfig, evaluate,
+                      load_dictionary, save_dictionary, train_dictionary)
+from sae_core.config import Option, options
 from sae_core.metrics import firing_histogram
 from sae_core.plots import histogram_chart, line_chart
 from sae_core.synthetic import run_benchmark, superposition_data
@@ -74,9 +77,9 @@ def _span(text: str) -> Optional[tuple[float, float]]:
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
     data = superposition_data(n_samples=args.samples, d=args.d, n_features=args.features, mean_l0=args.l0, seed=args.seed)
-    config = TrainConfig(k=args.k, n_latents=args.latents or 2 * args.features, total_steps=args.steps,
-                         batch_size=args.batch_size, warmup_steps=50, lr=args.lr, dead_tokens=50_000,
-                         normalization="none", loss_threshold=args.loss_threshold, seed=args.seed, log_every=25)
+    config = TrainConfig(DictionaryConfig(k=args.k, n_latents=args.latents or 2 * args.features, normalization="none"),
+                         total_steps=args.steps, batch_size=args.batch_size, warmup_steps=50, lr=args.lr,
+                         dead_tokens=50_000, loss_threshold=args.loss_threshold, seed=args.seed, log_every=25)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trained = {}
@@ -101,9 +104,11 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_organism(args: argparse.Namespace) -> int:
-    from .organism.build import WEIGHTS, build_denoiser, organism_data
-    from .organism.classifier import fit_and_report
-    from .organism.fit import FitConfig
+    from organism import WEIGHTS
+    from organism.data import organism_data
+
+    from .organism_build import build_denoiser, fit_and_report
+    from .organism_fit import FitConfig
 
     out = Path(args.out) if args.out else WEIGHTS
     out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +142,10 @@ def _model_and_dictionary(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _site_for(runner, dictionary: Any, name: Optional[str]) -> Any:
-    """The model's site a dictionary acts at (``name``, else its own); their widths must agree."""
+    """The model's site a dictionary acts at (``name``, else its own Site, family checked); their widths must agree."""
     from sae_core import check_site_width
 
-    site = runner.site(name or dictionary.site.name)
+    site = runner.site(name or dictionary.site)
     check_site_width(dictionary, int(site.extra["d"]), site.name)
     return site
 
@@ -155,7 +160,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             say(f"{site.name}  (d={site.extra['d']})")
         return 0
     if not args.sites:
-        raise DictionaryError("name at least one site with --sites (see --list-sites)")
+        raise ConfigError("name at least one site with --sites (see --list-sites)")
     sites = [runner.site(name) for name in args.sites]
     if args.images:
         from .capture import capture_images
@@ -166,7 +171,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             say(f"{name}: {info['tokens']} vectors in {info['directory']}")
         return 0
     if not args.prompts:
-        raise DictionaryError("capture needs --prompts FILE (generate) or --images FOLDER (real images)")
+        raise ConfigError("capture needs --prompts FILE (generate) or --images FOLDER (real images)")
     prompts = read_prompts(args.prompts)
     settings = CaptureSettings(model=args.model, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
                                steps=args.sample_steps, guidance=args.guidance, window=_window(args.window),
@@ -181,17 +186,42 @@ def cmd_capture(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train
 
 
+TRAIN_FLAG_NAMES = {"n_latents": "latents", "expansion_factor": "expansion", "total_steps": "train-steps"}
+"""TrainConfig options whose ``train`` flag has another name (the one commands and config files already use)."""
+TRAIN_SHARED_FLAGS = ("seed", "device")
+"""TrainConfig options set by flags that other subcommands share: ``--seed`` (every one) and ``--device``
+(default: the accelerator; under torchrun each rank's own)."""
+
+
+def train_flag(option: Option) -> str:
+    """The ``train`` flag of a TrainConfig option, without its dashes: ``total_steps`` -> ``train-steps``."""
+    return TRAIN_FLAG_NAMES.get(option.name, option.name.replace("_", "-"))
+
+
+def add_train_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig option, its default, choices and help (the field's docstring) taken from the dataclass."""
+    for option in options(TrainConfig):
+        if option.name in TRAIN_SHARED_FLAGS:
+            continue
+        flag: dict[str, Any] = {"default": option.default, "help": option.help.replace("%", "%%")}
+        if option.choices is not None:
+            flag["choices"] = option.choices
+        else:
+            flag["type"] = option.type
+        if option.length is not None:
+            flag["nargs"] = option.length
+        p.add_argument(f"--{train_flag(option)}", **flag)
+
+
 def _train_config(args: argparse.Namespace, device: str) -> TrainConfig:
-    return TrainConfig(kind=args.kind, k=args.k, n_latents=args.latents, expansion_factor=args.expansion,
-                       normalization=args.normalization, total_steps=args.train_steps, batch_size=args.batch_size,
-                       lr=args.lr, warmup_steps=min(100, max(1, args.train_steps // 10)), loss_threshold=args.loss_threshold,
-                       seed=args.seed, checkpoint_every=args.checkpoint_every, device=device,
-                       dead_tokens=args.dead_tokens, log_every=args.log_every)
+    values = {o.name: getattr(args, train_flag(o).replace("-", "_")) for o in options(TrainConfig) if o.name != "device"}
+    return TrainConfig.from_dict({**values, "device": device})
 
 
 def _streaming_data(args: argparse.Namespace, device: str):
     """Batches straight from the pipeline, never stored: every pass regenerates the same samples."""
-    from .capture import Recorder
+    from sae_core import Recorder
+
     from .prompts import read_prompts
 
     runner = _runner(args)
@@ -199,13 +229,13 @@ def _streaming_data(args: argparse.Namespace, device: str):
     prompts = read_prompts(args.prompts)
 
     def batches():
-        recorder = Recorder(_window(args.window), args.tokens_per_image, True, args.seed)
+        recorder = Recorder(window=_window(args.window), tokens_per_image=args.tokens_per_image, seed=args.seed)
         pool: list[torch.Tensor] = []
         for first in range(0, len(prompts), 8):
             chunk = prompts[first:first + 8]
-            recorder.sample_ids = torch.arange(first, first + len(chunk))
+            recorder.begin(range(first, first + len(chunk)))
             runner.generate(chunk, [args.seed + first + i for i in range(len(chunk))], site_functions={site: recorder})
-            pool.extend(x.reshape(-1, x.shape[-1]) for x, _, _, _ in recorder.take())
+            pool.extend(record.acts.reshape(-1, record.acts.shape[-1]) for record in recorder.take())
             rows = torch.cat(pool)
             while rows.shape[0] >= args.batch_size:
                 yield rows[: args.batch_size]
@@ -228,11 +258,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = f"{reader.n_tokens} vectors in {args.shards}" + (f" (rank {rank} of {world})" if world > 1 else "")
     elif args.model and args.prompts and args.site:
         if world > 1:
-            raise DictionaryError("streaming from a pipeline runs on one process: capture shards first for torchrun")
+            raise ConfigError("streaming from a pipeline runs on one process: capture shards first for torchrun")
         data, site = _streaming_data(args, device)
         source = f"{args.model} streaming at {args.site}"
     else:
-        raise DictionaryError("train needs --shards DIR, or --model, --prompts and --site to stream from a pipeline")
+        raise ConfigError("train needs --shards DIR, or --model, --prompts and --site to stream from a pipeline")
     if is_main():
         say(f"training {args.kind} on {source}; checkpoints in {checkpoint_dir}")
     result = train_dictionary(data, config, site=site, checkpoint_dir=checkpoint_dir,
@@ -258,7 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _classifier_for(runner) -> Any:
     if not runner.is_organism:
         return None
-    from .organism.classifier import classify_outputs, load_classifier
+    from organism.classifier import classify_outputs, load_classifier
 
     model = load_classifier()
     return lambda images: classify_outputs(model, images)
@@ -291,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    f"reconstruction substituted at {site.name}").save(out / "substitution.png")
         say(f"substituted generation at {site.name}: " + json.dumps(scores))
     if len(report) == 1:
-        raise DictionaryError("eval needs --shards (held-out activations) and/or --model with --prompts")
+        raise ConfigError("eval needs --shards (held-out activations) and/or --model with --prompts")
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     say(f"report written to {out / 'eval.json'}")
     return 0
@@ -386,7 +416,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     org.add_argument("--train-steps", type=int, default=1400)
     org.add_argument("--batch-size", type=int, default=128)
     org.add_argument("--lr", type=float, default=1e-3)
-    org.add_argument("--out", default=None, help="default: training/organism/weights (the committed organism)")
+    org.add_argument("--out", default=None, help="default: organism/weights (the committed organism)")
     org.add_argument("--work-dir", default="runs/organism-work", help="resumable checkpoints")
     org.add_argument("--skip-classifier", action="store_true")
 
@@ -416,19 +446,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     tr.add_argument("--site")
     tr.add_argument("--window", nargs=2, type=float, metavar=("START", "END"))
     tr.add_argument("--tokens-per-image", type=int, default=None)
-    tr.add_argument("--kind", default="topk", choices=["topk", "batchtopk", "itda"])
-    tr.add_argument("--k", type=int, default=32, help="latents per token (target L0 for ITDA)")
-    tr.add_argument("--latents", type=int, default=None, help="dictionary width (default expansion x d)")
-    tr.add_argument("--expansion", type=int, default=16)
-    tr.add_argument("--normalization", default="scale", choices=["none", "scale", "standardize"])
-    tr.add_argument("--train-steps", type=int, default=2000)
-    tr.add_argument("--batch-size", type=int, default=4096)
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--loss-threshold", type=float, default=0.3, help="ITDA: add inputs reconstructed worse than this")
-    tr.add_argument("--dead-tokens", type=int, default=1_000_000)
-    tr.add_argument("--checkpoint-every", type=int, default=500)
+    add_train_config_flags(tr)
     tr.add_argument("--checkpoint-dir", default=None, help="default: OUT's name + .checkpoint beside it")
-    tr.add_argument("--log-every", type=int, default=50)
     tr.add_argument("--out", default="runs/dictionary.safetensors")
 
     ev = add("eval", "score a dictionary on held-out shards and by reconstruction-substituted generation", cmd_eval)
@@ -483,7 +502,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = args.func(args)
         log.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
         return code
-    except (DictionaryError, FileNotFoundError) as err:
+    except (SAEError, OrganismError, FileNotFoundError) as err:  # a user's mistake: one line, exit code 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

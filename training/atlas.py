@@ -28,8 +28,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from sae_core.atomic import atomic_write
-from sae_core.errors import DictionaryError
-from sae_core.kernels import SparseCodes
+from sae_core import ConfigError, DictionaryError, InputError, SparseCodes
 from sae_core.metrics import firing_histogram
 from sae_core.plots import histogram_chart
 
@@ -80,7 +79,7 @@ class AtlasAccumulator:
 
     def __init__(self, n_latents: int, top_m: int = 8):
         if n_latents < 1 or top_m < 1:
-            raise DictionaryError(f"an atlas needs n_latents >= 1 and top_m >= 1, got {n_latents} and {top_m}")
+            raise ConfigError(f"an atlas needs n_latents >= 1 and top_m >= 1, got {n_latents} and {top_m}")
         self.n_latents, self.top_m = n_latents, top_m
         self.n_images = self.n_tokens = 0
         self.fire_count = torch.zeros(n_latents, dtype=torch.float64)
@@ -107,13 +106,13 @@ class AtlasAccumulator:
         values = codes.values.detach().to("cpu", torch.float32)
         indices = codes.indices.detach().to("cpu", torch.int64)
         if values.ndim != 2 or values.shape != indices.shape:
-            raise DictionaryError(f"atlas codes must be (tokens, k) values and indices of one shape, got values "
+            raise InputError(f"atlas codes must be (tokens, k) values and indices of one shape, got values "
                                   f"{tuple(values.shape)} and indices {tuple(indices.shape)}")
         n_tokens = values.shape[0]
         if grid is not None:
             grid = (int(grid[0]), int(grid[1]))
             if grid[0] * grid[1] != n_tokens:
-                raise DictionaryError(f"grid {grid} has {grid[0] * grid[1]} cells but the codes have {n_tokens} "
+                raise InputError(f"grid {grid} has {grid[0] * grid[1]} cells but the codes have {n_tokens} "
                                       f"tokens (values {tuple(values.shape)}); pass grid=None for tokens that are "
                                       f"not a spatial grid")
         active = values > 0
@@ -290,7 +289,7 @@ def _words(prompt: str) -> set[str]:
 def _check_image(image: np.ndarray) -> np.ndarray:
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
-        raise DictionaryError(f"an atlas image must be uint8 (H, W) or (H, W, 3), got {pixels.dtype} {pixels.shape}")
+        raise InputError(f"an atlas image must be uint8 (H, W) or (H, W, 3), got {pixels.dtype} {pixels.shape}")
     return pixels
 
 

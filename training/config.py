@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sae_core.errors import DictionaryError
+from sae_core import ConfigError
 
 
 def read_config(path: Path) -> dict[str, Any]:
     """The file's mapping; TOML by default, JSON for ``.json``."""
     if not path.exists():
-        raise DictionaryError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
@@ -31,9 +31,9 @@ def read_config(path: Path) -> dict[str, Any]:
                 import tomli as tomllib
             data = tomllib.loads(text)
     except ValueError as err:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-        raise DictionaryError(f"config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {err}") from err
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {err}") from err
     if not isinstance(data, dict):
-        raise DictionaryError(f"config file {path} must hold a table of options, not {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a table of options, not {type(data).__name__}")
     return data
 
 
@@ -50,15 +50,15 @@ def _convert(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
                     raise ValueError("expected a whole number")
                 v = action.type(v)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-                raise DictionaryError(f"{path}: option {key!r} = {v!r}: {err}") from err
+                raise ConfigError(f"{path}: option {key!r} = {v!r}: {err}") from err
         if action.choices is not None and v not in action.choices:
-            raise DictionaryError(f"{path}: option {key!r} = {v!r} is not one of {', '.join(map(str, action.choices))}")
+            raise ConfigError(f"{path}: option {key!r} = {v!r} is not one of {', '.join(map(str, action.choices))}")
         return v
 
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         return [one(v) for v in (value if isinstance(value, list) else [value])]
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and not isinstance(value, bool):
-        raise DictionaryError(f"{path}: option {key!r} is a switch: set it to true or false, not {value!r}")
+        raise ConfigError(f"{path}: option {key!r} is a switch: set it to true or false, not {value!r}")
     return one(value)
 
 
@@ -74,7 +74,7 @@ def parse_with_config(parser: argparse.ArgumentParser, subparsers: dict[str, arg
     options = _options(sub)
     table = data.get(args.command, {})
     if not isinstance(table, dict):
-        raise DictionaryError(f"{path}: [{args.command}] must be a table of options")
+        raise ConfigError(f"{path}: [{args.command}] must be a table of options")
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
     merged.update(table)
     defaults = {}
@@ -82,7 +82,7 @@ def parse_with_config(parser: argparse.ArgumentParser, subparsers: dict[str, arg
         dest = key.replace("-", "_")
         if dest not in options:
             if key in table:
-                raise DictionaryError(f"{path}: `{args.command}` has no option {key!r}; it has: "
+                raise ConfigError(f"{path}: `{args.command}` has no option {key!r}; it has: "
                                       + ", ".join(sorted(o.replace('_', '-') for o in options)))
             continue  # a top-level option for other subcommands
         defaults[dest] = _convert(options[dest], key, value, Path(path))

@@ -15,16 +15,15 @@ from typing import Any
 
 import torch
 
-from sae_core import ShardReader, TrainConfig, evaluate, save_dictionary, train_dictionary
+from organism.classifier import classify_outputs, load_classifier
+from organism.data import ANIMALS, CLASSES, DIGITS, class_prompt, organism_data
+from sae_core import DictionaryConfig, ShardReader, TrainConfig, evaluate, save_dictionary, train_dictionary
 from sae_core.plots import line_chart
 
 from .atlas_run import build_atlas
 from .capture import CaptureSettings, capture, site_dir
 from .flip import flip_rates, profile_classes, random_direction, specific_feature
 from .grids import image_grid
-from .organism.build import organism_data
-from .organism.classifier import classify_outputs, load_classifier
-from .organism.data import ANIMALS, CLASSES, DIGITS, class_prompt
 from .runner import load_runner
 from .steer_grid import steering_grid
 from .substitution import substitution_scores
@@ -98,9 +97,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     for s in sites:
         trained[s.name] = {}
         for kind, steps in (("topk", sizes["sae_steps"]), ("itda", sizes["itda_steps"])):
-            config = TrainConfig(kind=kind, k=8, n_latents=8 * int(s.extra["d"]), total_steps=steps, batch_size=1024,
-                                 warmup_steps=50, loss_threshold=0.35, seed=args.seed, checkpoint_every=250,
-                                 dead_tokens=200_000)
+            config = TrainConfig(DictionaryConfig(kind=kind, k=8, n_latents=8 * int(s.extra["d"])), total_steps=steps,
+                                 batch_size=1024, warmup_steps=50, loss_threshold=0.35, seed=args.seed,
+                                 checkpoint_every=250, dead_tokens=200_000)
             reader = ShardReader(site_dir(out / "activations" / "train", s), batch_size=1024, seed=args.seed)
             stem = f"{kind}_{s.name.replace(':', '-')}"
             result = train_dictionary(reader, config, site=s, checkpoint_dir=out / f"{stem}.checkpoint")

@@ -21,10 +21,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae_core.intervention import SiteContext, SiteFunction, cond_rows
-from sae_core.site import Site
+from sae_core import in_window, prompt_rows, Record, Recorder, Site, SiteContext, SiteFunction
 from sae_core.steering import add_direction
-from sae_core.timesteps import in_window
 
 from .runner import Runner
 
@@ -36,7 +34,7 @@ def direction_function(direction: Tensor, strength: float, window: Optional[tupl
         if strength == 0 or not in_window(ctx, window):
             return h
         weights = torch.zeros(h.shape[0], h.shape[1])
-        weights[cond_rows(ctx, h.shape[0])] = 1.0
+        weights[prompt_rows(ctx, h.shape[0])] = 1.0
         return add_direction(h, direction, strength, "token_norm", token_weights=weights)
 
     return add
@@ -63,23 +61,21 @@ def profile_classes(runner: Runner, dictionaries: dict[str, Any], site: Site, pr
         chunk = jobs[start:start + batch_size]
         classes = torch.tensor([c for c, _ in chunk])
 
-        def record(h: Tensor, ctx: SiteContext) -> Tensor:
-            if not in_window(ctx, window):
-                return h
-            rows = cond_rows(ctx, h.shape[0])
-            x = h[rows].detach().float().cpu()
-            owner = classes[rows % len(chunk)]
+        def accumulate(record: Record) -> None:
+            x = record.acts
+            owner = classes[record.rows]
             act_sums.index_add_(0, owner, x.mean(1))
-            counts.index_add_(0, owner, torch.ones(len(rows)))
+            counts.index_add_(0, owner, torch.ones(len(owner)))
             per_token_owner = owner.repeat_interleave(x.shape[1])
             for name, dictionary in dictionaries.items():
                 with torch.no_grad():
                     codes = dictionary.encode(x.reshape(-1, x.shape[-1]))  # sparse: no tokens x latents matrix
                 where = (per_token_owner[:, None].expand_as(codes.indices), codes.indices.cpu())
                 sums[name].index_put_(where, codes.values.float().cpu() / x.shape[1], accumulate=True)
-            return h
 
-        runner.generate([prompts[c] for c, _ in chunk], [s for _, s in chunk], site_functions={site: record})
+        recorder = Recorder(window=window, stream=accumulate)
+        recorder.begin(range(len(chunk)))
+        runner.generate([prompts[c] for c, _ in chunk], [s for _, s in chunk], site_functions={site: recorder})
     denom = counts.clamp_min(1)[:, None]
     return {name: ClassProfile(total / denom, act_sums / denom) for name, total in sums.items()}
 

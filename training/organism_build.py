@@ -1,7 +1,7 @@
 """Rebuilding the organism: train the denoisers and the classifier, save them where the code finds them.
 
 ``python -m training organism --out DIR`` runs this; the committed weights in
-``training/organism/weights`` were made by it (BENCHMARKS.md has the command, time and samples).
+``organism/weights`` were made by it (BENCHMARKS.md has the command, time and samples).
 """
 from __future__ import annotations
 
@@ -13,16 +13,11 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .data import CLASSES, Dataset, class_prompt, load_dataset
-from .fit import FitConfig, fit
+from organism.classifier import FILE, accuracy
+from organism.data import CLASSES, Dataset, class_prompt, organism_data
+from sae_core.atomic import save_safetensors_atomic
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
-HOLDOUT = 0.1
-
-
-def organism_data(seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The (train, held-out) split every organism component uses."""
-    return load_dataset().split(HOLDOUT, seed)
+from .organism_fit import FitConfig, fit, train_classifier
 
 
 def sample_grid(pipe, path: Path, per_class: int = 6, steps: int = 20, seed: int = 0) -> None:
@@ -38,7 +33,7 @@ def sample_grid(pipe, path: Path, per_class: int = 6, steps: int = 20, seed: int
 
 def build_denoiser(kind: str, out: Path, work: Path, config: Optional[FitConfig] = None) -> dict:
     """Train one organism denoiser and save it as a diffusers pipeline folder ``out/kind``."""
-    from .pipelines import OrganismFluxPipeline, OrganismUNetPipeline, flux_scheduler, unet_scheduler
+    from organism.pipelines import OrganismFluxPipeline, OrganismUNetPipeline, flux_scheduler, unet_scheduler
 
     config = config or FitConfig(kind=kind)
     train, _ = organism_data(config.seed)
@@ -65,3 +60,17 @@ def build_denoiser(kind: str, out: Path, work: Path, config: Optional[FitConfig]
               "history": model.history, "torch_threads": torch.get_num_threads()}
     (out / f"{kind}_training.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def save_classifier(model: torch.nn.Module, folder: Path) -> Path:
+    path = folder / FILE
+    save_safetensors_atomic(path, model.state_dict(), {"classes": ",".join(CLASSES)})
+    return path
+
+
+def fit_and_report(train: Dataset, held_out: Dataset, folder: Path) -> dict:
+    """Train the classifier, save it to ``folder`` and report its held-out accuracy."""
+    start = time.perf_counter()
+    model = train_classifier(train)
+    save_classifier(model, folder)
+    return {"held_out_accuracy": round(accuracy(model, held_out), 4), "seconds": round(time.perf_counter() - start, 1)}

@@ -1,4 +1,7 @@
-"""Training the organisms: the recipe, written so that a killed run resumes where it stopped.
+"""Training the organisms' denoisers and classifier: the recipe, written so that a killed run resumes.
+
+The trainer's side of :mod:`organism`: the models, data and encoder it trains live there (the plugin
+shares them); fitting needs ``sae_core``'s atomic writes, so it stays here.
 
 Flux: rectified flow, ``x_t = (1 - t) x_0 + t eps`` with ``t`` logit-normal (SD3's choice), the
 transformer predicting ``eps - x_0``. U-Net: DDPM v-prediction at uniform timesteps, zero terminal SNR. Both:
@@ -19,15 +22,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from organism.classifier import build_classifier
+from organism.data import Dataset
+from organism.models import DDPM_CONFIG, build_flux, build_unet, flux_velocity, pack, to_latent
+from organism.text import shared_encoder
 from sae_core.atomic import atomic_write
 
-from .data import Dataset
-from .models import DDPM_CONFIG, build_flux, build_unet, flux_velocity, pack, to_latent
-from .text import shared_encoder
-
-log = logging.getLogger("training.organism")
+log = logging.getLogger("training.organism_fit")
 KINDS = ("flux", "unet")
 
 
@@ -147,3 +150,27 @@ def fit(dataset: Dataset, config: FitConfig, work_dir: Path,
                          "config": json.dumps(asdict(config))})
     ema.history = history
     return ema.eval()
+
+
+def train_classifier(train: Dataset, epochs: int = 6, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> nn.Module:
+    """AdamW with one-cycle decay and light shift augmentation (generated images are not centred exactly)."""
+    torch.manual_seed(seed)
+    model = build_classifier()
+    steps = epochs * (len(train) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=gen)
+        for i in range(len(train) // batch_size):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x = train.images[idx]
+            shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=shift, dims=(2, 3))
+            loss = nn.functional.cross_entropy(model(x), train.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()

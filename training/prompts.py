@@ -11,7 +11,7 @@ import logging
 import unicodedata
 from pathlib import Path
 
-from sae_core.errors import DictionaryError
+from sae_core import InputError
 
 log = logging.getLogger("training.prompts")
 MAX_CHARS = 2000
@@ -20,15 +20,15 @@ MAX_CHARS = 2000
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise DictionaryError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is a folder, not a prompts file")
+        raise InputError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is a folder, not a prompts file")
     raw = path.read_bytes()
     if b"\x00" in raw:
-        raise DictionaryError(f"{path} is a binary file, not a prompts file (one prompt per line, UTF-8 text)")
+        raise InputError(f"{path} is a binary file, not a prompts file (one prompt per line, UTF-8 text)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
-        raise DictionaryError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8, one prompt per line") from err
+        raise InputError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8, one prompt per line") from err
     prompts, bad, skipped = [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -37,16 +37,16 @@ def read_prompts(path: str | Path) -> list[str]:
         if any(unicodedata.category(c) == "Cc" for c in line):
             bad.append(number)
         elif len(line) > MAX_CHARS:
-            raise DictionaryError(f"{path}: line {number} has {len(line)} characters; is it one prompt per line?")
+            raise InputError(f"{path}: line {number} has {len(line)} characters; is it one prompt per line?")
         elif not any(c.isalnum() for c in line):
             skipped.append(number)
         else:
             prompts.append(line)
     if bad:
-        raise DictionaryError(f"{path}: control characters in line(s) {', '.join(map(str, bad[:10]))}"
+        raise InputError(f"{path}: control characters in line(s) {', '.join(map(str, bad[:10]))}"
                               f"{' ...' if len(bad) > 10 else ''}: remove them")
     if skipped:
         log.warning("%s: skipped %d line(s) with no letters or digits: %s", path, len(skipped), ", ".join(map(str, skipped[:10])))
     if not prompts:
-        raise DictionaryError(f"{path} holds no prompts (one per line; blank lines and # comments are skipped)")
+        raise InputError(f"{path} holds no prompts (one per line; blank lines and # comments are skipped)")
     return prompts

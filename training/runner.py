@@ -1,7 +1,8 @@
 """A text-to-image pipeline behind one call: load it by name, generate with site functions attached.
 
 ``load_runner("organism-flux")`` (the committed model organism), a local pipeline folder, or a Hugging
-Face Hub id (Flux, SD 1.5, SDXL; read from the local cache when offline). ``Runner.generate`` runs the
+Face Hub id (Flux, SD 1.5, SDXL, and the diffusion transformers of :mod:`training.adapters.transformers`:
+SD3, Flux 2, Chroma, Qwen-Image, ...; read from the local cache when offline). ``Runner.generate`` runs the
 pipeline with :func:`training.adapters.attach` and a :class:`~training.adapters.SamplingState`, so site
 functions see sigma, progress and which rows are the prompt's, whatever the pipeline.
 """
@@ -12,25 +13,56 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from sae_core.errors import DictionaryError
-from sae_core.intervention import SiteFunction
-from sae_core.site import Site
+from sae_core import InputError, Site, SiteError, SiteFunction
 
-from .adapters import SamplingState, adapter_for, attach
+from .adapters import SamplingState, attach, available_sites, resolve_site
 from .compat import apply_torchvision_workaround
 
 log = logging.getLogger("training.runner")
 ORGANISMS = ("organism-flux", "organism-unet")
-DEFAULTS = {  # steps, guidance: what each kind of pipeline is sampled with unless told otherwise
-    "OrganismFluxPipeline": (20, 4.0), "OrganismUNetPipeline": (20, 4.0),
-    "FluxPipeline": (28, 3.5), "StableDiffusionPipeline": (30, 7.5), "StableDiffusionXLPipeline": (30, 6.0),
+
+
+@dataclass(frozen=True)
+class PipelineDefaults:
+    """How a kind of pipeline is sampled unless told otherwise, and how it runs guidance."""
+
+    steps: int
+    guidance: float
+    cfg: str
+    """The rows' layout under classifier-free guidance (a ``SamplingState`` guidance mode); "none" for
+    guidance-distilled pipelines, which call the denoiser once per step whatever the scale."""
+    cfg_above: float = 1.0
+    """Guidance scales above this run classifier-free guidance (Z-Image: above 0)."""
+
+
+DEFAULTS = {  # diffusers 0.42's own defaults for its pipeline classes, and where each puts cond and uncond
+    "OrganismFluxPipeline": PipelineDefaults(20, 4.0, "batched"),
+    "OrganismUNetPipeline": PipelineDefaults(20, 4.0, "batched"),
+    "FluxPipeline": PipelineDefaults(28, 3.5, "none"),
+    "StableDiffusionPipeline": PipelineDefaults(30, 7.5, "batched"),
+    "StableDiffusionXLPipeline": PipelineDefaults(30, 6.0, "batched"),
+    "StableDiffusion3Pipeline": PipelineDefaults(28, 7.0, "batched"),
+    "Flux2Pipeline": PipelineDefaults(50, 4.0, "none"),
+    "ChromaPipeline": PipelineDefaults(35, 5.0, "sequential"),
+    "QwenImagePipeline": PipelineDefaults(50, 1.0, "none"),  # true CFG needs a negative prompt: not passed here
+    "WanPipeline": PipelineDefaults(50, 5.0, "sequential"),
+    "AuraFlowPipeline": PipelineDefaults(50, 3.5, "batched"),
+    "HunyuanVideoPipeline": PipelineDefaults(50, 6.0, "none"),
+    "LTXPipeline": PipelineDefaults(50, 3.0, "batched"),
+    "Lumina2Pipeline": PipelineDefaults(30, 4.0, "sequential"),
+    "ZImagePipeline": PipelineDefaults(50, 5.0, "batched_cond_first", cfg_above=0.0),
+    "HiDreamImagePipeline": PipelineDefaults(50, 5.0, "batched"),
 }
+FALLBACK = PipelineDefaults(30, 5.0, "batched")
+LATENTS_BUILT_HERE = ("OrganismFluxPipeline", "OrganismUNetPipeline", "FluxPipeline", "StableDiffusionPipeline",
+                      "StableDiffusionXLPipeline")
+"""Pipelines whose starting noise :meth:`Runner.initial_noise` lays out; others get a seeded generator per sample."""
 
 
 @dataclass
@@ -53,23 +85,20 @@ class Runner:
         return self.kind.startswith("Organism")
 
     def sites(self) -> list[Site]:
-        return adapter_for(self.denoiser).available_sites(self.denoiser)
+        return available_sites(self.denoiser)
 
-    def site(self, name: str) -> Site:
-        """The model's site called ``name`` ("double_blocks.1:image"); a clear error listing them otherwise."""
-        sites = self.sites()
-        for site in sites:
-            if site.name == name:
-                return site
-        raise DictionaryError(f"{self.name} has no site {name!r}; it has: " + ", ".join(s.name for s in sites))
+    def site(self, name: Union[Site, str]) -> Site:
+        """The model's site for ``name`` (either runtime's naming, or a dictionary's Site): see
+        :func:`training.adapters.resolve_site`; SiteError listing the sites otherwise."""
+        return resolve_site(self.denoiser, name)
 
     def defaults(self) -> tuple[int, float]:
-        return DEFAULTS.get(self.kind, (30, 5.0))
+        spec = DEFAULTS.get(self.kind, FALLBACK)
+        return spec.steps, spec.guidance
 
     def guidance_mode(self, guidance_scale: float) -> str:
-        if self.kind == "FluxPipeline":
-            return "none"  # guidance-distilled: one call per step
-        return "batched" if guidance_scale > 1 else "none"
+        spec = DEFAULTS.get(self.kind, FALLBACK)
+        return spec.cfg if guidance_scale > spec.cfg_above else "none"
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: Optional[int] = None,
                  guidance: Optional[float] = None, site_functions: Optional[Mapping[Site, SiteFunction]] = None,
@@ -79,11 +108,14 @@ class Runner:
         steps = steps or default_steps
         guidance = default_guidance if guidance is None else guidance
         state = SamplingState(self.pipe.scheduler, guidance=self.guidance_mode(guidance))
-        if latents is None:
-            latents = torch.cat([self.initial_noise(seed) for seed in seeds])
+        noise: dict[str, Any] = {"latents": latents}
+        if latents is None and self.kind in LATENTS_BUILT_HERE:
+            noise["latents"] = torch.cat([self.initial_noise(seed) for seed in seeds])
+        elif latents is None:
+            noise = {"generator": [torch.Generator().manual_seed(int(seed)) for seed in seeds]}
         hooks = attach(self.denoiser, site_functions, context=state) if site_functions else nullcontext()
         with hooks:
-            out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+            out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, **noise,
                             output_type="pt", callback_on_step_end=state.on_step_end)
         return out.images.float().clamp(0, 1)
 
@@ -96,14 +128,14 @@ class Runner:
             with Image.open(path) as image:
                 grey = image.convert("L").resize((32, 32), Image.BILINEAR)
         except (OSError, UnidentifiedImageError) as err:
-            raise DictionaryError(f"{path} is not a readable image ({err})") from err
+            raise InputError(f"{path} is not a readable image ({err})") from err
         return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 127.5 - 1.0)[None, None]
 
     def denoise_once(self, image: Tensor, prompt: str, progress: float, seed: int,
                      site_functions: Mapping[Site, SiteFunction]) -> None:
         """One denoiser pass on ``image`` noised to where a 20-step sampling stands at ``progress`` (0..1)."""
         self._require_organism("capturing real images")
-        from .organism.models import to_latent
+        from organism.models import to_latent
 
         pipe, scheduler = self.pipe, self.pipe.scheduler
         scheduler.set_timesteps(20)
@@ -121,14 +153,14 @@ class Runner:
 
     def _require_organism(self, what: str) -> None:
         if not self.is_organism:
-            raise DictionaryError(f"{what} is implemented for the organism pipelines here; for SD / Flux checkpoints use "
+            raise InputError(f"{what} is implemented for the organism pipelines here; for SD / Flux checkpoints use "
                                   "the ComfyUI node 'Capture Activations from Images'")
 
     def initial_noise(self, seed: int) -> Tensor:
         """One sample's starting noise in the shape the pipeline takes ``latents`` in."""
         gen = torch.Generator().manual_seed(int(seed))
         if self.is_organism:
-            from .organism.models import LATENT_CHANNELS, LATENT_SIZE
+            from organism.models import LATENT_CHANNELS, LATENT_SIZE
 
             return torch.randn((1, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=gen)
         pipe = self.pipe
@@ -142,17 +174,17 @@ class Runner:
 
 
 def shared_prompt_encoding(prompt: str):
-    from .organism.text import shared_encoder
+    from organism.text import shared_encoder
 
     return shared_encoder()([prompt])
 
 
 def _organism_folder(name: str) -> Path:
-    from .organism.build import WEIGHTS
+    from organism import WEIGHTS
 
     folder = WEIGHTS / name.split("-", 1)[1]
     if not (folder / "model_index.json").exists():
-        raise DictionaryError(f"the model organism's weights are missing from {folder}: run `python -m training organism` "
+        raise InputError(f"the model organism's weights are missing from {folder}: run `python -m training organism` "
                               "to rebuild them, or restore them with git checkout")
     return folder
 
@@ -170,9 +202,9 @@ def load_runner(model: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     elif Path(model).expanduser().exists():
         folder = Path(model).expanduser()
         if not (folder / "model_index.json").exists():
-            raise DictionaryError(f"{folder} is not a diffusers pipeline folder (it has no model_index.json)")
+            raise InputError(f"{folder} is not a diffusers pipeline folder (it has no model_index.json)")
     elif _looks_like_path(model):
-        raise DictionaryError(f"no such folder: {model}")
+        raise InputError(f"no such folder: {model}")
     pipe = _load(folder, model, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -190,7 +222,7 @@ def _load(folder: Optional[Path], model: str, dtype: torch.dtype) -> Any:
     if folder is not None:
         class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
         if class_name.startswith("Organism"):
-            from .organism import pipelines
+            from organism import pipelines
 
             return getattr(pipelines, class_name).from_pretrained(folder, dtype=dtype)
         return DiffusionPipeline.from_pretrained(folder, dtype=dtype)
@@ -198,7 +230,7 @@ def _load(folder: Optional[Path], model: str, dtype: torch.dtype) -> Any:
         return DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except Exception as err:  # offline misses, unknown repos, gated repos: one actionable message
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DictionaryError(
+        raise InputError(
             f"could not load the model {model!r}: {reason}. Pass a local pipeline folder, a Hub id that is in the "
             f"local Hugging Face cache (or reachable), or one of {', '.join(ORGANISMS)}"
         ) from err

@@ -6,8 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
-from sae_core.site import Site
-from sae_core.steering import Steer, steer_function
+from sae_core import Site, Steer, steer_function
 
 from .grids import image_grid
 from .runner import Runner

@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from sae_core.intervention import SiteContext, SiteFunction
-from sae_core.site import Site
+from sae_core import Site, SiteContext, SiteFunction
 
 from .runner import Runner
 

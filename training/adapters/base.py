@@ -1,33 +1,83 @@
 """What every diffusers adapter shares: the interface, the per-call context, and hooks that cannot leak.
 
-An adapter knows one model family: which sites it has (:meth:`Adapter.available_sites`), which
-module and which tensor of that module's call each site is (:meth:`Adapter.tap`), and what a
-model call says about time and layout (:meth:`Adapter.model_call`). Everything else is here:
+An adapter knows one group of model classes and says only three things: the model's
+:class:`~sae_core.sites.Catalogue` (built in ``sae_core.sites`` from numbers in the diffusers config,
+so ComfyUI lists the very same sites), where a site's tensor is (:meth:`Adapter.tap`: which module,
+which item of its output, how the tokens are laid out) and what a model call says by itself
+(:meth:`Adapter.model_call`: timestep, token grid, frames, where text and image lie in a joint
+sequence). Everything else is here: names resolve through the catalogue (either runtime's naming),
 :meth:`Adapter.attach` registers one named forward hook per site function plus two on the model
-itself (they compute the call's :class:`CallContext` once, then clear it), and removes every one
-of them when the ``with`` block ends, however it ends. A site function sees the site's own tokens
-as ``(batch, tokens, d)`` and whatever it returns replaces them (sae_core.intervention's contract).
+itself (they build the call's context once with :func:`sae_core.sites.call_context`, the function
+ComfyUI's adapters use too, then clear it), and removes every one of them when the ``with`` block
+ends, however it ends. A site function sees the site's own tokens as ``(batch, tokens, d)`` and
+whatever it returns replaces them (the contract of :mod:`sae_core.sites.context`).
 
 Timestep windows in a :class:`Site` are not applied here: gating is the site function's job
-(``sae_core.timesteps.in_window``), as in the ComfyUI nodes.
+(``sae_core.timesteps.in_window``), which raises :class:`~sae_core.errors.ScheduleError` for a
+progress window when the context source gives no schedule; nothing here catches it.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from sae_core.errors import DictionaryError
-from sae_core.intervention import SiteContext, SiteFunction
-from sae_core.site import Site, find_site
+from sae_core import call_context, Catalogue, ScheduleError, Site, SiteContext, SiteError, SiteFunction
 
 HOOK_PREFIX = "diffusion_sae"
+CONTEXT_KEYS = ("sigma", "schedule", "progress", "cond")
+"""What a context source may say about a call (keywords of :func:`sae_core.sites.call_context`)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one part (text or image) of a token sequence lies: row ``b``'s tokens start at ``start[b]``
+    and count ``length[b]`` (an int: the same for every row).
+
+    A site function sees ``(batch, max length, d)``; a row shorter than that is padded with zeros,
+    and what a function writes there is dropped (diffusers packs some joint sequences per row, e.g.
+    Lumina 2's caption lengths come from each row's attention mask).
+    """
+
+    start: Union[int, Tensor]
+    length: Union[int, Tensor]
+
+    @property
+    def uniform(self) -> bool:
+        return isinstance(self.start, int) and isinstance(self.length, int)
+
+    def _index(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[0]
+        start = torch.as_tensor(self.start, device=x.device).reshape(-1).expand(batch)
+        length = torch.as_tensor(self.length, device=x.device).reshape(-1).expand(batch)
+        steps = torch.arange(int(length.max()), device=x.device)
+        return (start[:, None] + steps).clamp(max=x.shape[1] - 1), steps < length[:, None]
+
+    def take(self, x: Tensor) -> Tensor:
+        """This part of ``x`` (batch, sequence, d) as (batch, tokens, d)."""
+        if self.uniform:
+            return x[:, self.start:self.start + self.length]
+        index, valid = self._index(x)
+        picked = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        return torch.where(valid[..., None], picked, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def put(self, x: Tensor, part: Tensor) -> Tensor:
+        """``x`` with this part replaced by ``part`` (a new tensor; ``x`` is not modified)."""
+        if self.uniform:
+            if self.start == 0 and self.start + self.length >= x.shape[1]:
+                return part
+            return torch.cat([x[:, :self.start], part, x[:, self.start + self.length:]], dim=1)
+        index, valid = self._index(x)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(index)
+        out = x.clone()
+        out[rows[valid], index[valid]] = part[valid]
+        return out
 
 
 @dataclass(frozen=True)
@@ -41,50 +91,48 @@ class ModelCall:
     sigma: Optional[float]
     """Noise level when the model's input implies it (flow models: the timestep is sigma); else None."""
     grid: Optional[tuple[int, int]]
-    """(rows, cols) of the image tokens when the call lays them out as a full row-major grid."""
-
-
-@dataclass(frozen=True)
-class CallContext:
-    """Where sampling stands for one model call; the per-site grid completes it into a SiteContext."""
-
-    sigma: Optional[float] = None
-    progress: Optional[float] = None
-    cond: Optional[Tensor] = None
+    """(rows, cols) of one frame's image tokens when the call lays them out as a full row-major grid."""
+    frames: int = 1
+    """Latent frames the image tokens span (video models), frame-major."""
+    spans: Mapping[str, Span] = field(default_factory=dict)
+    """"text" / "image" -> where that part lies in the sequences of taps with ``part`` set."""
 
 
 @runtime_checkable
 class ContextSource(Protocol):
     """Says where sampling stands for each model call (see :class:`training.adapters.SamplingState`)."""
 
-    def call_context(self, call: ModelCall) -> CallContext: ...
+    def context_values(self, call: ModelCall) -> Mapping[str, Any]:
+        """Any of ``sigma``, ``schedule``, ``progress``, ``cond`` (see :func:`sae_core.sites.call_context`)."""
 
 
 ContextLike = Union[ContextSource, Callable[[], Mapping[str, Any]], None]
-"""A :class:`ContextSource`, a plain callable returning ``{"sigma", "progress", "cond"}`` (keys may be
-missing), or None: then only what the model call itself says (``ModelCall.sigma``) is known."""
+"""A :class:`ContextSource`, a plain callable returning some of ``{"sigma", "schedule", "progress", "cond"}``,
+or None: then only what the model call itself says (``ModelCall.sigma``, the timestep) is known, and a
+progress window raises :class:`~sae_core.errors.ScheduleError`."""
 
 
-def _context_for(source: ContextLike, call: ModelCall) -> CallContext:
+def context_of(source: ContextLike, call: ModelCall) -> SiteContext:
+    """The call's context (grid still None) from the source's values and the call's own."""
     if isinstance(source, ContextSource):
-        return source.call_context(call)
-    values = dict(source()) if source is not None else {}
-    unknown = set(values) - {"sigma", "progress", "cond"}
+        values = dict(source.context_values(call))
+    else:
+        values = dict(source()) if source is not None else {}
+    unknown = set(values) - set(CONTEXT_KEYS)
     if unknown:
-        raise DictionaryError(f"a context callable returned unknown keys {sorted(unknown)}; use sigma, progress, cond")
-    cond = values.get("cond")
-    return CallContext(
-        sigma=values.get("sigma", call.sigma),
-        progress=values.get("progress"),
-        cond=torch.as_tensor(cond).reshape(-1).bool() if cond is not None else None,
-    )
+        raise ScheduleError(f"a context source returned unknown keys {sorted(unknown)}; use "
+                              + ", ".join(CONTEXT_KEYS))
+    sigma = values.pop("sigma", None)
+    return call_context(call.batch, sigma=call.sigma if sigma is None else sigma, timestep=call.timestep, **values)
 
 
 @dataclass(frozen=True)
 class Tap:
     """Where a site's tensor lies in one module's call.
 
-    The module's first argument (``hidden_states``, by keyword or position 0) is its input.
+    The module's first argument (by keyword or position 0) is its input; the "update" stream is the
+    output minus the input of ``input_module`` (default: the module itself), noted by a forward
+    pre-hook before the block runs.
     """
 
     module: nn.Module
@@ -97,12 +145,15 @@ class Tap:
     skips: Optional[int] = None
     """Position of an output tuple that may hold the same tensor again (a U-Net down block's skip
     connections end with its output): an edit replaces it there too, so the skip sees it."""
+    part: Optional[str] = None
+    """"text" / "image": the tensor is a sequence holding more than the site's tokens (a joint
+    text+image sequence, padding); the site's tokens are ``ModelCall.spans[part]`` of it."""
+    input_module: Optional[nn.Module] = None
+    """The module whose input is the block's input for "update", when not ``module`` (a U-Net block
+    that is two diffusers modules)."""
 
     def output_tensor(self, output: Any) -> Tensor:
         return output if self.index is None else output[self.index]
-
-    def input_tensor(self, args: tuple, kwargs: dict) -> Tensor:
-        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     def replace(self, output: Any, new: Tensor) -> Any:
         if self.index is None:
@@ -113,6 +164,12 @@ class Tap:
         if self.skips is not None:
             items[self.skips] = tuple(new if t is old else t for t in output[self.skips])
         return tuple(items)
+
+
+def first_argument(module: nn.Module) -> str:
+    """Name of the first parameter of ``module``'s forward (its input, "hidden_states" or "x")."""
+    parameters = list(inspect.signature(type(module).forward).parameters)
+    return parameters[1] if len(parameters) > 1 else ""
 
 
 def to_tokens(x: Tensor, layout: str) -> Tensor:
@@ -126,13 +183,14 @@ def from_tokens(h: Tensor, like: Tensor, layout: str) -> Tensor:
 
 
 class _Attachment:
-    """The hooks of one ``attach`` block and the context of the model call under way."""
+    """The hooks of one ``attach`` block, the call under way and the block inputs noted for "update"."""
 
     def __init__(self, adapter: "Adapter", model: nn.Module, source: ContextLike):
         self.adapter, self.source = adapter, source
         self.signature = inspect.signature(type(model).forward)  # the class's: offloading wrappers hide model.forward's
         self.call: Optional[ModelCall] = None
-        self.context = CallContext()
+        self.context: Optional[SiteContext] = None
+        self.inputs: dict[int, Tensor] = {}
         self.handles: dict[str, RemovableHandle] = {}
 
     def add(self, name: str, handle: RemovableHandle) -> None:
@@ -144,18 +202,19 @@ class _Attachment:
             handle.remove()
 
     def site_context(self, h: Tensor, x: Tensor, layout: str) -> SiteContext:
-        grid: Optional[tuple[int, int]] = None
+        context = self.context if self.context is not None else call_context(h.shape[0])
         if layout == "spatial":
-            grid = (int(x.shape[-2]), int(x.shape[-1]))
-        elif layout == "image" and self.call is not None and self.call.grid is not None:
-            rows, cols = self.call.grid
-            grid = (rows, cols) if rows * cols == h.shape[1] else None
-        ctx = self.context
-        return SiteContext(sigma=ctx.sigma, progress=ctx.progress, cond=ctx.cond, grid=grid)
+            return context.at((int(x.shape[-2]), int(x.shape[-1])))
+        call = self.call
+        if layout == "image" and call is not None and call.grid is not None:
+            rows, cols = call.grid
+            if rows * cols * call.frames == h.shape[1]:
+                return context.at((rows, cols), call.frames)
+        return context.at(None)
 
 
 class _CallStart:
-    """Model forward pre-hook: reads the call's arguments once, asks the context source."""
+    """Model forward pre-hook: reads the call's arguments once and builds its context."""
 
     def __init__(self, attachment: _Attachment):
         self.attachment = attachment
@@ -164,7 +223,7 @@ class _CallStart:
         a = self.attachment
         arguments = a.signature.bind_partial(module, *args, **kwargs).arguments
         a.call = a.adapter.model_call(module, arguments)
-        a.context = _context_for(a.source, a.call)
+        a.context = context_of(a.source, a.call)
 
 
 class _CallEnd:
@@ -174,8 +233,20 @@ class _CallEnd:
         self.attachment = attachment
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.attachment.call = None
-        self.attachment.context = CallContext()
+        self.attachment.call = self.attachment.context = None
+        self.attachment.inputs.clear()
+
+
+class _NoteInput:
+    """Forward pre-hook keeping a copy of a block's input for the "update" stream (a block may write
+    over its input tensor, so the copy is taken before it runs)."""
+
+    def __init__(self, attachment: _Attachment, module: nn.Module):
+        self.attachment, self.name = attachment, first_argument(module)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs[self.name] if self.name in kwargs else args[0]
+        self.attachment.inputs[id(module)] = x.detach().clone()
 
 
 class _SiteHook:
@@ -189,23 +260,38 @@ class _SiteHook:
     def __init__(self, site: Site, tap: Tap, fn: SiteFunction, attachment: _Attachment):
         self.site, self.tap, self.fn, self.attachment = site, tap, fn, attachment
 
+    def _span(self) -> Optional[Span]:
+        if self.tap.part is None:
+            return None
+        call = self.attachment.call
+        span = call.spans.get(self.tap.part) if call is not None else None
+        if span is None:
+            raise SiteError(f"the site {self.site.name} needs to know where the {self.tap.part} tokens lie in its "
+                            "block's sequence, and this model call does not say (call the model itself, not the block)")
+        return span
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        tap = self.tap
+        tap, span = self.tap, self._span()
         out = tap.output_tensor(output)
-        x = out - tap.input_tensor(args, kwargs) if tap.update else out
+        part = span.take(out) if span is not None else out
+        x = part
+        if tap.update:
+            before = self.attachment.inputs[id(tap.input_module or tap.module)]
+            x = part - (span.take(before) if span is not None else before)
         h = to_tokens(x, tap.layout)
         new = self.fn(h, self.attachment.site_context(h, x, tap.layout))
         if new is h:
             return None
         if not isinstance(new, Tensor) or new.shape != h.shape:
             shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-            raise DictionaryError(f"the site function at {self.site} returned {shape}, expected {tuple(h.shape)}")
-        new_x = from_tokens(new.to(x.dtype), x, tap.layout)
-        return tap.replace(output, out + (new_x - x) if tap.update else new_x)
+            raise SiteError(f"the site function at {self.site} returned {shape}, expected {tuple(h.shape)}")
+        new_x = from_tokens(new.to(device=x.device, dtype=x.dtype), x, tap.layout)
+        edited = part + (new_x - x) if tap.update else new_x
+        return tap.replace(output, span.put(out, edited) if span is not None else edited)
 
 
 class Adapter(ABC):
-    """One model family's sites in diffusers, behind one interface."""
+    """One group of diffusers model classes behind one interface: catalogue, taps, what a call says."""
 
     model_classes: tuple[str, ...]
     """diffusers class names this adapter reads (matched along the model's MRO)."""
@@ -215,35 +301,39 @@ class Adapter(ABC):
         return any(cls.__name__ in self.model_classes for cls in type(model).__mro__)
 
     @abstractmethod
-    def family(self, model: nn.Module) -> str:
-        """Site family of this model ("flux", "sd15", "sdxl")."""
-
-    @abstractmethod
-    def available_sites(self, model: nn.Module) -> list[Site]:
-        """Every site of this model; ``extra["d"]`` is the width of its tokens."""
+    def catalogue(self, model: nn.Module) -> Catalogue:
+        """Every site of this model, from the numbers in its diffusers config."""
 
     @abstractmethod
     def tap(self, model: nn.Module, site: Site) -> Tap:
-        """Where ``site`` (one of :meth:`available_sites`) lies in the model."""
+        """Where ``site`` (resolved by this model's catalogue) lies in the model."""
 
     @abstractmethod
     def model_call(self, model: nn.Module, arguments: Mapping[str, Any]) -> ModelCall:
         """What a model call with these (bound) arguments says by itself."""
 
-    def resolve(self, model: nn.Module, site: Site) -> Site:
-        """The model's own site matching ``site`` by block and stream (family checked, window ignored)."""
-        family = self.family(model)
-        if site.family not in (family, "unknown"):
-            raise DictionaryError(f"site {site} is for a {site.family} model, but this is a {family} model")
-        sites = self.available_sites(model)
-        own = find_site(sites, site)
-        if own is None:
-            raise DictionaryError(f"site {site.name} not found in this {family} model; available: "
-                                  + ", ".join(s.name for s in sites))
-        return own
+    def family(self, model: nn.Module) -> str:
+        return self.catalogue(model).family
+
+    def available_sites(self, model: nn.Module) -> list[Site]:
+        """Every site of this model; ``extra["d"]`` is the width of its tokens."""
+        return self.catalogue(model).sites
+
+    def resolve(self, model: nn.Module, site: Union[Site, str]) -> Site:
+        """The model's own site for ``site``: a Site (a dictionary's header) or a name in either runtime's
+        naming ("double_blocks.1:image", "transformer_blocks.1:image"); SiteError listing the sites otherwise.
+        A Site's timestep window is kept."""
+        return self.catalogue(model).resolve(site)
+
+    def site_width(self, model: nn.Module, site: Union[Site, str]) -> int:
+        return int(self.resolve(model, site).extra["d"])
+
+    def module(self, model: nn.Module, site: Site) -> nn.Module:
+        """The diffusers module of ``site``'s block."""
+        return model.get_submodule(self.catalogue(model).module(site, "diffusers"))
 
     @contextlib.contextmanager
-    def attach(self, model: nn.Module, site_functions: Mapping[Site, SiteFunction], *,
+    def attach(self, model: nn.Module, site_functions: Mapping[Union[Site, str], SiteFunction], *,
                context: ContextLike = None) -> Iterator[None]:
         """Run ``site_functions`` at their sites for every model call inside the ``with`` block.
 
@@ -251,7 +341,12 @@ class Adapter(ABC):
         Every site is checked before any hook is added; every hook is removed on exit, also when
         the block (or a hook) raises.
         """
-        plan = [(self.resolve(model, site), fn) for site, fn in site_functions.items()]
+        catalogue = self.catalogue(model)
+        plan = []
+        for site, fn in site_functions.items():
+            if not callable(fn):
+                raise SiteError(f"the function for site {site} is not callable ({type(fn).__name__})")
+            plan.append((catalogue.resolve(site), fn))
         attachment = _Attachment(self, model, context)
         try:
             attachment.add(f"{HOOK_PREFIX}:call_start",
@@ -260,21 +355,14 @@ class Adapter(ABC):
                            model.register_forward_hook(_CallEnd(attachment), with_kwargs=True, always_call=True))
             for n, (site, fn) in enumerate(plan):
                 tap = self.tap(model, site)
-                hook = _SiteHook(site, tap, fn, attachment)
+                if tap.update:
+                    noted = tap.input_module or tap.module
+                    name = f"{HOOK_PREFIX}:input:{id(noted)}"
+                    if name not in attachment.handles:
+                        attachment.add(name, noted.register_forward_pre_hook(_NoteInput(attachment, noted),
+                                                                             with_kwargs=True))
                 attachment.add(f"{HOOK_PREFIX}:{n}:{site.name}",
-                               tap.module.register_forward_hook(hook, with_kwargs=True))
+                               tap.module.register_forward_hook(_SiteHook(site, tap, fn, attachment), with_kwargs=True))
             yield
         finally:
             attachment.remove_all()
-
-
-def first_value(value: Any) -> Optional[float]:
-    """The first element of a scalar or tensor argument as a float; None when absent."""
-    if value is None:
-        return None
-    return float(torch.as_tensor(value).reshape(-1)[0])
-
-
-def site_list(family: str, names: Sequence[tuple[str, str, int]]) -> list[Site]:
-    """Sites from ``(block, stream, d)`` triples."""
-    return [Site(family=family, block=block, stream=stream, extra={"d": d}) for block, stream, d in names]

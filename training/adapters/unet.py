@@ -1,28 +1,27 @@
-"""SD1.5 / SDXL in diffusers (``UNet2DConditionModel``): sites on the U-Net's blocks and attentions.
+"""SD 1.5, SD 2.x, SDXL and the SDXL refiner in diffusers (``UNet2DConditionModel``).
 
-Verified in diffusers 0.42.1, ``models/unets/unet_2d_condition.py`` and ``unet_2d_blocks.py``:
+The sites are ComfyUI's (:mod:`sae_core.sites.unet`: ``input_blocks.{k}``, ``middle_block``,
+``output_blocks.{k}`` with "residual" and, where the shape is kept, "update"; ``<block>.1:update`` for
+a block's spatial transformer), built from the diffusers config, so a dictionary moves between the
+runtimes by its site name. diffusers' own names (``down_blocks.1``, ``up_blocks.1``, ``mid_block``,
+``down_blocks.2.attentions.1``, ...) resolve to the site with the same tensor.
 
-* ``down_blocks[i]`` is called as ``block(hidden_states=sample, temb=..., ...)`` and returns
-  ``(hidden_states, output_states)``; the last skip in ``output_states`` is the very tensor returned as
-  ``hidden_states``, so an edit replaces it in both places (the matching up block sees it too).
-* ``mid_block(sample, emb, ...)`` and ``up_blocks[i](hidden_states=sample, res_hidden_states_tuple=...,
-  ...)`` return the hidden state tensor.
-* ``*.attentions[j]`` (Transformer2DModel) is called as ``attn(hidden_states, ..., return_dict=False)``
-  and returns ``(sample,)``, its input plus its own residual update (same shape).
+Where a site's tensor is (verified in diffusers 0.42.1, ``models/unets/unet_2d_blocks.py``): the
+output of the block's diffusers module (``catalogue.module(site, "diffusers")``): ``conv_in``,
+``down_blocks.l.resnets.r`` / ``.attentions.r`` / ``.downsamplers.0``, ``mid_block``,
+``up_blocks.j.resnets.r`` / ``.attentions.r`` / ``.upsamplers.0``. Each down block puts exactly that
+tensor into its skip connections and hands it on, so an edit there reaches the skip and the next module
+alike, as in ComfyUI. ``Transformer2DModel`` (an ``attentions.r``) returns ``(sample,)``, the other
+modules the tensor itself. A block that is a resnet plus a transformer ends at the transformer and
+begins at the resnet: its "update" is the transformer's output minus the resnet's input
+(``Tap.input_module``).
 
-Sites (stream "residual": the block's output map (B, C, H, W) as (B, H*W, C) tokens, grid (H, W);
-stream "update": output minus input):
-``down_blocks.{i}``, ``mid_block``, ``up_blocks.{i}``: "residual", and "update" where the block keeps
-its input's shape (no resampler, same channels: the mid block, rarely another);
-``down_blocks.{i}.attentions.{j}``, ``mid_block.attentions.{j}``, ``up_blocks.{i}.attentions.{j}``:
-"update" (SDLens: down_blocks.2.attentions.1, mid_block.attentions.0, up_blocks.0.attentions.0/1 of SDXL).
-
-Revelio's names for SD1.5: "bottleneck" = ``mid_block:residual``; "up_ft1" / "up_ft2" = the outputs of
-``up_blocks.1`` / ``up_blocks.2`` (``up_blocks.1:residual`` / ``up_blocks.2:residual``).
-
-Family: "sdxl" when the U-Net takes SDXL's added time/text embedding (``addition_embed_type ==
-"text_time"``), else "sd15". Sigma: the U-Net gets a DDPM timestep index, which says nothing about
-sigma without the scheduler; :class:`training.adapters.SamplingState` converts it.
+Family, from the config: ``addition_embed_type == "text_time"`` (SDXL's added size/crop embedding):
+"sdxl_refiner" with ``cross_attention_dim`` 1280 (OpenCLIP bigG's text tokens alone), else "sdxl";
+otherwise "sd2" with ``cross_attention_dim`` 1024 (OpenCLIP ViT-H), else "sd15". U-Nets the catalogue
+cannot describe (other block kinds, the class-conditioned x4 upscaler, widths that are not multiples of the
+first) are a SiteError. Sigma: the U-Net gets a DDPM timestep index, which says nothing about sigma
+without the scheduler; :class:`training.adapters.SamplingState` converts it.
 """
 from __future__ import annotations
 
@@ -30,64 +29,80 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from sae_core.site import Site
+from sae_core import SiteError
+from sae_core.sites import Catalogue, Site, first_float, unet_catalogue
+from sae_core.sites.unet import UNetShape
 
-from .base import Adapter, ModelCall, Tap, first_value, site_list
+from .base import Adapter, ModelCall, Tap
 
-
-def _out_channels(block: nn.Module) -> int:
-    return int(block.resnets[-1].out_channels)
-
-
-def _keeps_shape(block: nn.Module, in_channels: int) -> bool:
-    resampled = getattr(block, "downsamplers", None) is not None or getattr(block, "upsamplers", None) is not None
-    return not resampled and in_channels == _out_channels(block)
+DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
+UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+MID_BLOCKS = {"UNetMidBlock2DCrossAttn": True, "UNetMidBlock2D": False}
+"""Block type -> whether it holds spatial transformers (``Transformer2DModel``)."""
 
 
-def _is_transformer(module: nn.Module) -> bool:
-    """Transformer2DModel attentions are sites; other attention kinds return other things."""
-    return any(cls.__name__ == "Transformer2DModel" for cls in type(module).__mro__)
+def unet_family(config: Mapping[str, Any]) -> str:
+    """"sd15", "sd2", "sdxl" or "sdxl_refiner" from a ``UNet2DConditionModel`` config (see the module docstring)."""
+    context = config.get("cross_attention_dim")
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl_refiner" if context == 1280 else "sdxl"
+    return "sd2" if context == 1024 else "sd15"
 
 
-def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    """``(name, block, input channels)`` in the order the U-Net runs them."""
-    blocks = []
-    channels = int(model.conv_in.out_channels)
-    stages = [(f"down_blocks.{i}", b) for i, b in enumerate(model.down_blocks)]
-    if model.mid_block is not None:
-        stages.append(("mid_block", model.mid_block))
-    stages += [(f"up_blocks.{i}", b) for i, b in enumerate(model.up_blocks)]
-    for name, block in stages:
-        blocks.append((name, block, channels))
-        channels = _out_channels(block)
-    return blocks
+def _per_level(value: Any, levels: int, name: str) -> tuple[int, ...]:
+    values = (value,) * levels if isinstance(value, int) else tuple(value)
+    if len(values) != levels:
+        raise SiteError(f"this U-Net's {name} {value!r} does not give one value per level ({levels})")
+    return tuple(int(v) for v in values)
+
+
+def _kinds(types: Any, known: Mapping[str, bool], what: str) -> tuple[bool, ...]:
+    unknown = sorted(set(types) - set(known))
+    if unknown:
+        raise SiteError(f"this U-Net has {what} blocks {unknown}, which have no sites here; supported: "
+                        + ", ".join(known))
+    return tuple(known[t] for t in types)
+
+
+def unet_shape(config: Mapping[str, Any]) -> UNetShape:
+    """The catalogue's numbers from a ``UNet2DConditionModel`` config; SiteError for a U-Net it cannot describe."""
+    if config.get("num_class_embeds") is not None:
+        raise SiteError("this U-Net takes class labels (the x4 upscaler's noise level): it is not an SD 1.5, "
+                        "SD 2.x, SDXL or SDXL refiner U-Net and has no sites here")
+    widths = [int(c) for c in config["block_out_channels"]]
+    base = widths[0]
+    if any(w % base for w in widths):
+        raise SiteError(f"this U-Net's block_out_channels {widths} are not multiples of the first; no sites here")
+    levels = len(widths)
+    down = _kinds(config["down_block_types"], DOWN_BLOCKS, "down")
+    up = _kinds(config["up_block_types"], UP_BLOCKS, "up")
+    mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    middle = mid_type is not None
+    if middle:
+        _kinds([mid_type], MID_BLOCKS, "middle")
+    if len(down) != levels or len(up) != levels:
+        raise SiteError(f"this U-Net has {len(down)} down and {len(up)} up blocks for {levels} widths; no sites here")
+    return UNetShape(base, tuple(w // base for w in widths),
+                     _per_level(config["layers_per_block"], levels, "layers_per_block"), down,
+                     middle_attention=middle and MID_BLOCKS[mid_type], has_middle=middle,
+                     output_attention=tuple(reversed(up)))  # up_blocks[0] is the deepest level
 
 
 class UNetAdapter(Adapter):
     model_classes = ("UNet2DConditionModel",)
 
-    def family(self, model: nn.Module) -> str:
-        return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd15"
-
-    def available_sites(self, model: nn.Module) -> list[Site]:
-        names = []
-        for name, block, in_channels in _blocks(model):
-            names.append((name, "residual", _out_channels(block)))
-            if _keeps_shape(block, in_channels):
-                names.append((name, "update", in_channels))
-            for j, attention in enumerate(getattr(block, "attentions", None) or []):
-                if _is_transformer(attention):
-                    names.append((f"{name}.attentions.{j}", "update", int(attention.config.in_channels)))
-        return site_list(self.family(model), names)
+    def catalogue(self, model: nn.Module) -> Catalogue:
+        return unet_catalogue(unet_family(model.config), unet_shape(model.config))
 
     def tap(self, model: nn.Module, site: Site) -> Tap:
-        module = model.get_submodule(site.block)
-        if ".attentions." in site.block:
-            return Tap(module, 0, "spatial", update=True)
-        if site.block.startswith("down_blocks."):
-            return Tap(module, 0, "spatial", update=site.stream == "update", skips=1)
-        return Tap(module, None, "spatial", update=site.stream == "update")
+        catalogue = self.catalogue(model)
+        own = catalogue.resolve(site)
+        block = catalogue.block(own.block)
+        path, start = block.module("diffusers"), block.input_module("diffusers")
+        update = own.stream == "update"
+        return Tap(model.get_submodule(path), 0 if ".attentions." in path else None, "spatial", update=update,
+                   input_module=model.get_submodule(start) if update and start != path else None)
 
     def model_call(self, model: nn.Module, arguments: Mapping[str, Any]) -> ModelCall:
-        return ModelCall(batch=int(arguments["sample"].shape[0]), timestep=first_value(arguments.get("timestep")),
+        return ModelCall(batch=int(arguments["sample"].shape[0]), timestep=first_float(arguments.get("timestep")),
                          sigma=None, grid=None)
