@@ -1,40 +1,29 @@
-"""Diffusion SAE's ComfyUI nodes, collected for the plugin entry (``__init__.py`` at the repo root).
+"""Diffusion SAE's ComfyUI nodes, in ComfyUI's V3 schema, collected for the plugin entry (``__init__.py`` at
+the repo root): :func:`comfy_entrypoint` returns the :class:`ComfyExtension` that lists them."""
+from __future__ import annotations
 
-Node modules add their classes here: node id -> class, and node id -> display name.
-"""
+from comfy_api.latest import ComfyExtension, io
+
+from . import organism_nodes
 from .capture_nodes import SAECaptureActivations
 from .common import register_sae_folder
 from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
 from .image_capture_nodes import SAECaptureFromImages
 from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
-from .organism_nodes import NODE_CLASS_MAPPINGS as ORGANISM_NODES
-from .organism_nodes import NODE_DISPLAY_NAME_MAPPINGS as ORGANISM_NAMES
 from .steer_nodes import SAESteer
 
-try:
-    register_sae_folder()  # models/sae, for Load Dictionary's list
-except ModuleNotFoundError:  # imported outside ComfyUI (no folder_paths): nothing to register
-    pass
+NODES: list[type[io.ComfyNode]] = [
+    SAELoadDictionary, SAETrainDictionary, SAECaptureActivations, SAECaptureFromImages, SAESteer,
+    SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, *organism_nodes.NODES,
+]
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {
-    "SAELoadDictionary": SAELoadDictionary,
-    "SAETrainDictionary": SAETrainDictionary,
-    "SAECaptureActivations": SAECaptureActivations,
-    "SAECaptureFromImages": SAECaptureFromImages,
-    "SAESteer": SAESteer,
-    "SAERecordFeatures": SAERecordFeatures,
-    "SAEFeatureHeatmap": SAEFeatureHeatmap,
-    "SAETopFeatures": SAETopFeatures,
-    **ORGANISM_NODES,
-}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "SAELoadDictionary": "Load Dictionary",
-    "SAETrainDictionary": "Train Dictionary",
-    "SAECaptureActivations": "Capture Activations",
-    "SAECaptureFromImages": "Capture Activations from Images",
-    "SAESteer": "Steer",
-    "SAERecordFeatures": "Record Features",
-    "SAEFeatureHeatmap": "Feature Heatmap",
-    "SAETopFeatures": "Top Features",
-    **ORGANISM_NAMES,
-}
+
+class DiffusionSAE(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> DiffusionSAE:
+    """ComfyUI's V3 entry: registers ``models/sae`` (Load Dictionary lists it) and returns the extension."""
+    register_sae_folder()
+    return DiffusionSAE()

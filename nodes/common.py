@@ -1,27 +1,66 @@
-"""Small helpers shared by the node files: custom types, the ``models/sae`` folder, site and feature parsing.
+"""What the node files share: the plugin's custom types, inputs that several nodes take, the ``models/sae``
+folder, and the translation of ComfyUI values (strings, IMAGE/MASK tensors, folders) into the engine's.
 
-Everything that does real work lives in ``sae_core`` and ``nodes/adapters``; this file only translates
-between ComfyUI's values (strings, IMAGE/MASK tensors, folders) and theirs.
+Everything that does real work lives in ``sae_core`` and ``nodes/adapters``.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 
-from ..sae_core import DictionaryError, Site
+from ..sae_core import InputError, ScheduleError, SteerError
 
 CATEGORY = "Diffusion SAE"
-DICTIONARY = "SAE_DICTIONARY"
-CAPTURE = "SAE_CAPTURE"
-RECORDING = "SAE_RECORDING"
+DICTIONARY = io.Custom("SAE_DICTIONARY")
+"""A loaded or trained dictionary (``sae_core`` SparseAutoencoder or ITDA)."""
+CAPTURE = io.Custom("SAE_CAPTURE")
+"""Capture Activations' handle on what it recorded (``capture_nodes.Capture``)."""
+RECORDING = io.Custom("SAE_RECORDING")
+"""Record Features' handle on a generation's feature activations (``inspect_nodes.Recording``)."""
 SAE_FOLDER = "sae"
 SAE_EXTENSIONS = {".safetensors"}
-SITE_HELP = ("block:stream, e.g. double_blocks.1:image, single_blocks.0:image (Flux), "
-             "output_blocks.1:residual (SD1.5); the node's error lists the model's sites")
+SITE_HELP = ("where in the model: block:stream, e.g. double_blocks.1:image, single_blocks.0:image (Flux), "
+             "transformer_blocks.3:text (Qwen-Image), blocks.5:update (Wan), output_blocks.1:residual (SD1.5); "
+             "diffusers' block names work too; the node's error lists the model's sites")
+SIGMA_MAX = 1e4
+"""The sigma widgets' top value: "no upper bound"."""
+LISTED_CHOICES = 20
+"""A refused choice's message lists the valid ones up to this many (ComfyUI's own limit)."""
+
+
+def site_input(default: str) -> io.String.Input:
+    """The ``site`` input every node that reads or edits a site has, with one tooltip for all."""
+    return io.String.Input("site", default=default, tooltip=SITE_HELP)
+
+
+def window_inputs(start: float, end: float, acts: str) -> list[io.Float.Input]:
+    """``window_start`` / ``window_end``: the part of sampling (0 = first step, 1 = last) in which ``acts``."""
+    return [io.Float.Input("window_start", default=start, min=0.0, max=1.0, step=0.01,
+                           tooltip=f"{acts} from this point of sampling on (0: the first step, 1: the last)"),
+            io.Float.Input("window_end", default=end, min=0.0, max=1.0, step=0.01,
+                           tooltip=f"{acts} until this point of sampling (inclusive; 1: the last step)")]
+
+
+def check_choices(node: type[io.ComfyNode], **values: Any) -> bool | str:
+    """True when each value is one of its Combo input's options, else the message naming the first that is not.
+
+    ComfyUI 0.3.75 checks a V1 list input's value before running a workflow but not a V3 Combo's (its
+    validator compares only list-typed inputs), so nodes call this from ``validate_inputs``: a workflow
+    with a choice that no longer exists is refused when queued, as before. A linked value arrives as None
+    and is not checked."""
+    options = {i.id: i.options for i in node.define_schema().inputs if isinstance(i, io.Combo.Input)}
+    for name, value in values.items():
+        if value is not None and value not in options[name]:
+            valid = options[name]
+            listed = ", ".join(map(str, valid)) if len(valid) <= LISTED_CHOICES else f"{len(valid)} choices"
+            return f"{name} {value!r} is not one of: {listed}"
+    return True
 
 
 def register_sae_folder() -> None:
@@ -50,60 +89,43 @@ def sae_save_dir() -> str:
     return path
 
 
+def output_folder(folder: str) -> Path:
+    """``folder`` inside ComfyUI's output folder; InputError for an empty one or one that leaves it."""
+    import folder_paths
+
+    output = Path(folder_paths.get_output_directory()).resolve()
+    directory = (output / folder.strip()).resolve()
+    if not folder.strip() or output not in directory.parents:
+        raise InputError(f"capture folder {folder!r} must be a relative path inside ComfyUI's output folder")
+    return directory
+
+
 def resolve_site(model, name: str):
-    """``(adapter, site, width)`` for a site name on this MODEL; DictionaryError names the valid ones."""
+    """``(adapter, site, width)`` for a site name (in either runtime's naming) on this MODEL; the SiteError for
+    an unknown one lists the model's sites."""
     from .adapters import adapter_for
 
     adapter = adapter_for(model)
-    sites = adapter.available_sites(model)
-    wanted = name.strip()
-    for site in sites:
-        if site.name == wanted or str(site) == wanted:
-            return adapter, site, site_width(adapter, model, site)
-    if ":" in wanted:  # another runtime's name for one of these sites (diffusers' U-Net blocks)
-        block, stream = wanted.rsplit(":", 1)
-        try:
-            site = adapter.resolve(model, Site(family="unknown", block=block, stream=stream))
-            return adapter, site, site_width(adapter, model, site)
-        except DictionaryError:
-            pass  # reported below, with the sites this model has
-    raise DictionaryError(f"unknown site {wanted!r} for this model; available sites: "
-                          + ", ".join(s.name for s in sites))
-
-
-def site_width(adapter, model, site: Site) -> int:
-    """Width ``d`` of the activations at ``site``."""
-    for attr in ("site_width", "width"):
-        fn = getattr(adapter, attr, None)
-        if callable(fn):
-            return int(fn(model, site))
-    for key in ("d", "d_in", "width"):
-        if key in site.extra:
-            return int(site.extra[key])
-    hidden = getattr(model.model.diffusion_model, "hidden_size", None)
-    if hidden is None:
-        raise DictionaryError(f"cannot tell the width of site {site}: the model adapter does not report it")
-    return int(hidden)
+    site = adapter.resolve(model, name)
+    return adapter, site, int(site.extra["d"])
 
 
 def parse_features(text: str) -> list[int]:
     """``"3, 17,42"`` -> ``[3, 17, 42]``."""
     parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
     if not parts:
-        raise DictionaryError("no feature ids given: type comma-separated integers, e.g. 3, 17")
+        raise SteerError("no feature ids given: type comma-separated integers, e.g. 3, 17")
     try:
         return [int(p) for p in parts]
     except ValueError:
-        raise DictionaryError(f"feature ids must be integers separated by commas, got {text!r}") from None
+        raise SteerError(f"feature ids must be integers separated by commas, got {text!r}") from None
 
 
 def window(start: float, end: float) -> Optional[tuple[float, float]]:
+    """The widgets' progress window, or None when it spans all of sampling."""
     if start > end:
-        raise DictionaryError(f"window start {start} is after its end {end}: start must be <= end (0..1)")
+        raise ScheduleError(f"window start {start} is after its end {end}: start must be <= end (0..1)")
     return None if (start <= 0.0 and end >= 1.0) else (float(start), float(end))
-
-
-SIGMA_MAX = 1e4  # the widget's top value: "no upper bound"
 
 
 def sigma_range(low: float, high: float) -> Optional[tuple[float, float]]:

@@ -1,47 +1,72 @@
 """Steer: edit a site's activations along dictionary features while sampling (chains with other Steers)."""
 from __future__ import annotations
 
-from ..sae_core import Steer, check_site_width, steer_function
-from ..sae_core.steering import MODES, UNITS
-from .common import CATEGORY, DICTIONARY, SIGMA_MAX, SITE_HELP, mask_2d, parse_features, resolve_site, sigma_range, window
+from typing import Optional
+
+import torch
+from comfy_api.latest import io
+
+from ..sae_core import MODES, Steer, UNITS, check_site_width, steer_function
+from .common import (CATEGORY, DICTIONARY, SIGMA_MAX, check_choices, mask_2d, parse_features, resolve_site,
+                     sigma_range, site_input, window, window_inputs)
 
 
-class SAESteer:
-    """Add, clamp or ablate dictionary features at one site; everything is checked before sampling."""
+class SAESteer(io.ComfyNode):
+    """A clone of MODEL whose sampling adds, clamps, ablates or swaps dictionary features at one site."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "dictionary": (DICTIONARY,),
-                "site": ("STRING", {"default": "double_blocks.1:image", "tooltip": SITE_HELP}),
-                "mode": (list(MODES), {"tooltip": "swap takes (source, target) feature pairs"}),
-                "features": ("STRING", {"default": "0", "tooltip": "comma-separated feature ids"}),
-                "strength": ("FLOAT", {"default": 0.5, "min": -100.0, "max": 100.0, "step": 0.01}),
-                "units": (list(UNITS),),
-                "window_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "window_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "cond_only": ("BOOLEAN", {"default": True}),
-            },
-            "optional": {
-                "mask": ("MASK", {"tooltip": "where on the image to steer"}),
-                "subtract_uncond": ("BOOLEAN", {"default": False, "tooltip": "also subtract the edit from the uncond half (CFG)"}),
-                "sigma_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.001,
-                                        "tooltip": "act only while sigma is in [sigma_min, sigma_max]"}),
-                "sigma_max": ("FLOAT", {"default": SIGMA_MAX, "min": 0.0, "max": SIGMA_MAX, "step": 0.001}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAESteer",
+            display_name="Steer",
+            category=f"{CATEGORY}/steer",
+            description=("Steers sampling along dictionary features at one site: add a feature, clamp it to a "
+                         "value, ablate it or move one feature's activation onto another, in a part of sampling, "
+                         "on the prompt's half of CFG, inside a mask. Chain several Steers; a zero strength "
+                         "samples exactly as the unpatched model."),
+            inputs=[
+                io.Model.Input("model", tooltip="the model to steer (a patched clone is returned)"),
+                DICTIONARY.Input("dictionary", tooltip="a dictionary trained on this site (Load/Train Dictionary)"),
+                site_input("double_blocks.1:image"),
+                io.Combo.Input("mode", options=list(MODES),
+                               tooltip="add: add the feature's direction; clamp: set its activation to the strength; "
+                                       "ablate: remove the strength's fraction of it; swap: move (source, target) "
+                                       "pairs' activation from source to target"),
+                io.String.Input("features", default="0",
+                                tooltip="comma-separated feature ids (swap: source, target pairs)"),
+                io.Float.Input("strength", default=0.5, min=-100.0, max=100.0, step=0.01,
+                               tooltip="add: amount in units; clamp: target activation in units; ablate, swap: "
+                                       "fraction of the activation (1 = all); 0 leaves sampling untouched"),
+                io.Combo.Input("units", options=list(UNITS),
+                               tooltip="what strength 1 means: token_norm, the mean token norm along the feature's "
+                                       "unit direction; mean_activation, the feature's mean activation when it "
+                                       "fires; raw, one unit of activation"),
+                *window_inputs(0.0, 1.0, "steer"),
+                io.Boolean.Input("cond_only", default=True,
+                                 tooltip="steer only the positive prompt's half of CFG (off: both halves)"),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="where on the image to steer (weights 0..1, resized to the site's token grid)"),
+                io.Boolean.Input("subtract_uncond", default=False, optional=True,
+                                 tooltip="also subtract the edit from the negative prompt's half of CFG"),
+                io.Float.Input("sigma_min", default=0.0, min=0.0, max=SIGMA_MAX, step=0.001, optional=True,
+                               tooltip="steer only while the noise level sigma is at least this"),
+                io.Float.Input("sigma_max", default=SIGMA_MAX, min=0.0, max=SIGMA_MAX, step=0.001, optional=True,
+                               tooltip=f"steer only while sigma is at most this ({SIGMA_MAX:g}: no upper bound)"),
+            ],
+            outputs=[io.Model.Output(tooltip="the steered clone of the model")],
+        )
 
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = f"{CATEGORY}/steer"
+    @classmethod
+    def validate_inputs(cls, mode: Optional[str] = None, units: Optional[str] = None) -> bool | str:
+        return check_choices(cls, mode=mode, units=units)
 
-    def patch(self, model, dictionary, site, mode, features, strength, units, window_start, window_end,
-              cond_only, mask=None, subtract_uncond=False, sigma_min=0.0, sigma_max=SIGMA_MAX):
+    @classmethod
+    def execute(cls, model, dictionary, site: str, mode: str, features: str, strength: float, units: str,
+                window_start: float, window_end: float, cond_only: bool, mask: Optional[torch.Tensor] = None,
+                subtract_uncond: bool = False, sigma_min: float = 0.0, sigma_max: float = SIGMA_MAX) -> io.NodeOutput:
         adapter, where, width = resolve_site(model, site)
         check_site_width(dictionary, width, where.name)
         steer = Steer(parse_features(features), strength, mode=mode, units=units,
                       window=window(window_start, window_end), sigma_range=sigma_range(sigma_min, sigma_max),
                       cond_only=cond_only, subtract_uncond=subtract_uncond, mask=mask_2d(mask))
-        return (adapter.patch(model, {where: steer_function(dictionary, [steer])}),)
+        return io.NodeOutput(adapter.patch(model, {where: steer_function(dictionary, [steer])}))

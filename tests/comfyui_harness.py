@@ -70,7 +70,7 @@ def find_comfyui_dir() -> Path:
 
 def apply_torchvision_workaround() -> bool:
     """Make ``import torchvision`` work beside CPU torch (see training.compat); True when it was needed."""
-    from training.compat import apply_torchvision_workaround as apply
+    from organism.compat import apply_torchvision_workaround as apply
 
     return apply()
 
@@ -287,7 +287,7 @@ def _launch(argv: list[str]) -> None:
     if argv[0] == "--torchvision-op-schemas":
         argv = argv[1:]
         # By file path: putting the repo root on sys.path would shadow ComfyUI's own `nodes` module.
-        spec = importlib.util.spec_from_file_location("diffusion_sae_compat", REPO_ROOT / "training" / "compat.py")
+        spec = importlib.util.spec_from_file_location("diffusion_sae_compat", REPO_ROOT / "organism" / "compat.py")
         compat = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(compat)
         compat.define_torchvision_op_schemas()

@@ -57,3 +57,16 @@ def comfyui_server(tmp_path_factory):
         _comfyui_missing(error)
     with comfyui_harness.comfyui_server(tmp_path_factory.mktemp("comfyui-server")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models' maths is smaller than the cost of a second intra-op thread: on a busy 2-core machine the
+    two threads' waiting made each sampling up to ten times slower. For a module of tiny-model samplings
+    that compare only with each other; restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,12 +35,12 @@ def adapters(plugin):
 
 @pytest.fixture(scope="module")
 def Site(plugin):
-    return importlib.import_module(plugin.__name__ + ".sae_core.site").Site
+    return importlib.import_module(plugin.__name__ + ".sae_core.sites").Site
 
 
 @pytest.fixture(scope="module")
-def DictionaryError(plugin):
-    return importlib.import_module(plugin.__name__ + ".sae_core.errors").DictionaryError
+def SiteError(plugin):
+    return importlib.import_module(plugin.__name__ + ".sae_core.errors").SiteError
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +139,14 @@ class Hook:
 # ----------------------------------------------------------------------------- families and sites
 
 
-def test_available_sites_per_family(adapters, flux, sd15):
+def test_flux_sites_are_its_double_and_single_blocks_with_every_stream(adapters, flux):
     names = {f"{s.block}:{s.stream}": s.extra["d"] for s in adapters.adapter_for(flux).available_sites(flux)}
-    assert names == {**{f"double_blocks.{i}:{st}": FLUX_D for i in (0, 1) for st in ("image", "text", "update")},
-                     **{f"single_blocks.{i}:{st}": FLUX_D for i in (0, 1) for st in ("image", "update")}}
+    assert names == {f"{kind}_blocks.{i}:{st}": FLUX_D for kind in ("double", "single") for i in (0, 1)
+                     for st in ("image", "text", "update")}
     assert {s.family for s in adapters.adapter_for(flux).available_sites(flux)} == {"flux"}
 
+
+def test_sd15_sites_are_its_blocks_and_the_transformers_inside_them(adapters, sd15):
     unet = adapters.adapter_for(sd15)
     sites = unet.available_sites(sd15)
     assert {s.family for s in sites} == {"sd15"}
@@ -154,6 +156,9 @@ def test_available_sites_per_family(adapters, flux, sd15):
         "middle_block:residual": 64, "middle_block:update": 64,
         "output_blocks.0:residual": 64, "output_blocks.1:residual": 64,
         "output_blocks.2:residual": 32, "output_blocks.3:residual": 32,
+        "input_blocks.1.1:update": 32, "input_blocks.3.1:update": 64, "middle_block.1:update": 64,
+        "output_blocks.0.1:update": 64, "output_blocks.1.1:update": 64, "output_blocks.2.1:update": 32,
+        "output_blocks.3.1:update": 32,
     }
     assert unet.site_width(sd15, site(adapters, sd15, "output_blocks.1:residual")) == 64
 
@@ -167,9 +172,11 @@ def test_sdxl_unet_is_family_sdxl(adapters, comfyui):
 
 def test_revelio_names_map_to_sd15_output_blocks(adapters, comfyui):
     patcher = tiny.tiny_sd15_patcher(0, full_layout=True)  # SD1.5's own 12 + 12 block layout, 32 channels
-    assert adapters.REVELIO_BLOCKS == {"bottleneck": "middle_block", "up_ft1": "output_blocks.5",
-                                       "up_ft2": "output_blocks.8"}
+    assert adapters.REVELIO_BLOCKS == {"bottleneck": "middle_block", "up_ft1": "up_blocks.1", "up_ft2": "up_blocks.2"}
     up_ft1, up_ft2 = adapters.revelio_site("up_ft1", patcher), adapters.revelio_site("up_ft2", patcher)
+    assert (up_ft1.block, up_ft2.block) == ("output_blocks.5", "output_blocks.8")
+    real = adapters.revelio_site("up_ft1")  # without a MODEL: SD 1.5's own layout
+    assert (real.block, real.extra["d"]) == ("output_blocks.5", 1280)
     # diffusers' up_blocks.1 / .2 end with an upsampler and have 4x / 2x the base width (1280 / 640 in SD1.5).
     net = patcher.model.diffusion_model
     for s, width in ((up_ft1, 128), (up_ft2, 64)):
@@ -191,7 +198,7 @@ def test_revelio_names_map_to_sd15_output_blocks(adapters, comfyui):
 
 def test_flux_image_text_and_single_sites_see_their_own_tokens(adapters, flux, conds):
     recorders = {name: Recorder() for name in ("double_blocks.0:image", "double_blocks.1:text",
-                                               "single_blocks.1:image")}
+                                               "single_blocks.1:image", "single_blocks.1:text")}
     patched = patch(adapters, flux, recorders)
     net = flux.model.diffusion_model
     with Hook(net.double_blocks[0]) as double, Hook(net.double_blocks[1]) as double1, \
@@ -207,6 +214,7 @@ def test_flux_image_text_and_single_sites_see_their_own_tokens(adapters, flux, c
     assert torch.equal(image, double.seen[0][2][0])
     assert torch.equal(text, double1.seen[0][2][1])
     assert torch.equal(tail, single.seen[0][2][:, TEXT:])
+    assert torch.equal(recorders["single_blocks.1:text"].calls[0][0], single.seen[0][2][:, :TEXT])
 
 
 def test_flux_grid_is_row_major_over_the_latent(adapters, flux, conds):
@@ -334,7 +342,8 @@ def test_original_patcher_is_untouched(adapters, flux, sd15, conds, family):
 
 
 @pytest.mark.parametrize("name", ["double_blocks.0:image", "double_blocks.0:text", "single_blocks.1:image",
-                                  "middle_block:residual", "output_blocks.3:residual", "input_blocks.1:update"])
+                                  "middle_block:residual", "output_blocks.3:residual", "input_blocks.1:update",
+                                  "output_blocks.3.1:update"])
 def test_steering_a_site_changes_the_output(adapters, flux, sd15, conds, name):
     patcher = flux if ("double" in name or "single" in name) else sd15
     width = site(adapters, patcher, name).extra["d"]
@@ -394,7 +403,7 @@ def test_sigma_follows_the_schedule_and_progress_goes_from_0_to_1(adapters, flux
 
 
 @pytest.mark.parametrize("name", ["double_blocks.0:image", "single_blocks.0:image", "middle_block:residual",
-                                  "output_blocks.3:residual"])
+                                  "output_blocks.3:residual", "input_blocks.1.1:update"])
 def test_two_patches_on_one_block_both_run_in_order(adapters, flux, sd15, conds, name):
     patcher = flux if ("double" in name or "single" in name) else sd15
     vector = direction(site(adapters, patcher, name).extra["d"])
@@ -435,7 +444,7 @@ def test_flux_patch_wraps_another_nodes_replace_patch(adapters, flux, conds):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_unsupported_models_raise_naming_what_is_supported(adapters, comfyui, DictionaryError):
+def test_unsupported_models_raise_naming_what_is_supported(adapters, comfyui, SiteError):
     import comfy.model_patcher
     import comfy.supported_models as models
 
@@ -446,44 +455,41 @@ def test_unsupported_models_raise_naming_what_is_supported(adapters, comfyui, Di
             super().__init__()
             self.diffusion_model = torch.nn.Linear(2, 2)
 
-    sd3 = models.SD3(dict(in_channels=16, depth=1, pos_embed_max_size=8, num_patches=64, patch_size=2,
-                          adm_in_channels=32, pos_embed_scaling_factor=None,
-                          context_embedder_config={"target": "torch.nn.Linear",
-                                                   "params": {"in_features": 32, "out_features": 64}})).get_model({})
-    flux2 = models.Flux2(dict(tiny.FLUX_CONFIG, image_model="flux2", axes_dim=[8, 8, 8, 8], global_modulation=True,
-                              mlp_silu_act=True, ops_bias=False, qkv_bias=False, vec_in_dim=None)).get_model({})
-    sd2 = tiny.tiny_unet_patcher(models.SD20).model
-    cases = {"Linear": Stub(), "MMDIT": sd3, "Flux 2": flux2, "SD20": sd2}
+    # HunyuanImage 2.1 runs HunyuanVideo's network class: another model, so not the hunyuan_video family.
+    hunyuan_image = models.HunyuanImage21(dict(tiny.TINY_FAMILIES["hunyuan_video"].unet_config, vec_in_dim=None,
+                                               patch_size=[2, 2], axes_dim=[16, 16])).get_model({})
+    cases = {"Linear": Stub(), "HunyuanVideo in a HunyuanImage21 model": hunyuan_image}
     for expected, model in cases.items():
         patcher = comfy.model_patcher.ModelPatcher(model, cpu, cpu)
-        with pytest.raises(DictionaryError) as error:
+        with pytest.raises(SiteError) as error:
             adapters.adapter_for(patcher)
         message = str(error.value)
         assert "not supported" in message and expected in message
-        assert "supported: Flux double/single blocks, SD1.5/SDXL U-Net input/middle/output blocks" in message
-    with pytest.raises(DictionaryError, match="expected a ComfyUI MODEL"):
+        assert "supported: transformers: FLUX.1, FLUX.2, Chroma, HunyuanVideo" in message
+        assert "Lumina 2 / Z-Image, HiDream-I1; U-Nets: sd15" in message
+    with pytest.raises(SiteError, match="expected a ComfyUI MODEL"):
         adapters.adapter_for(object())
 
 
-def test_unknown_site_lists_the_available_ones(adapters, flux, sd15, Site, DictionaryError):
-    with pytest.raises(DictionaryError) as error:
+def test_unknown_site_lists_the_available_ones(adapters, flux, sd15, Site, SiteError):
+    with pytest.raises(SiteError) as error:
         adapters.adapter_for(flux).patch(flux, {Site("flux", "double_blocks.7", "image"): lambda h, ctx: h})
     assert "double_blocks.7:image" in str(error.value)
     assert "available sites" in str(error.value) and "single_blocks.1:image" in str(error.value)
-    with pytest.raises(DictionaryError, match="middle_block:update"):  # no "update" where the shape changes
+    with pytest.raises(SiteError, match="middle_block:update"):  # no "update" where the shape changes
         adapters.adapter_for(sd15).patch(sd15, {Site("sd15", "output_blocks.0", "update"): lambda h, ctx: h})
-    with pytest.raises(DictionaryError, match="flux"):  # a dictionary for another family
+    with pytest.raises(SiteError, match="flux"):  # a dictionary for another family
         adapters.adapter_for(sd15).patch(sd15, {Site("flux", "middle_block", "residual"): lambda h, ctx: h})
 
 
-def test_a_site_function_returning_another_shape_is_an_error(adapters, flux, conds, DictionaryError):
+def test_a_site_function_returning_another_shape_is_an_error(adapters, flux, conds, SiteError):
     patched = patch(adapters, flux, {"double_blocks.0:image": lambda h, ctx: h[:, :3]})
-    with pytest.raises(DictionaryError, match="returned"):
+    with pytest.raises(SiteError, match="returned"):
         run(patched, conds, steps=1)
 
 
 def test_diffusers_unet_block_names_resolve_to_the_comfyui_block_with_the_same_output(adapters, comfyui, Site,
-                                                                                     DictionaryError):
+                                                                                     SiteError):
     """A dictionary trained headless (diffusers names) is used in ComfyUI by its own site name."""
     patcher = tiny.tiny_sd15_patcher(0, full_layout=True)  # SD1.5's layout: 4 levels of 2 resnets
     adapter = adapters.adapter_for(patcher)
@@ -493,5 +499,9 @@ def test_diffusers_unet_block_names_resolve_to_the_comfyui_block_with_the_same_o
     for diffusers_name, comfy_name in expected.items():
         site = adapter.resolve(patcher, Site(family="sd15", block=diffusers_name, stream="residual"))
         assert site.block == comfy_name
-    with pytest.raises(DictionaryError, match="4 levels"):
+    sdlens = {"down_blocks.1.attentions.0": "input_blocks.4.1", "mid_block.attentions.0": "middle_block.1",
+              "up_blocks.1.attentions.2": "output_blocks.5.1"}
+    for diffusers_name, comfy_name in sdlens.items():
+        assert adapter.resolve(patcher, f"{diffusers_name}:update").block == comfy_name
+    with pytest.raises(SiteError, match=r"unknown site up_blocks\.4:residual for this sd15 model"):
         adapter.resolve(patcher, Site(family="sd15", block="up_blocks.4", stream="residual"))

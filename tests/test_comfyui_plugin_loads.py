@@ -1,4 +1,5 @@
-"""ComfyUI loads Diffusion SAE as a custom node package: in-process and as a running server."""
+"""ComfyUI loads Diffusion SAE as a custom node package, through its V3 entry point: in-process and as a
+running server."""
 import json
 import re
 import urllib.parse
@@ -22,9 +23,26 @@ def test_comfyui_imports_the_plugin_without_failure(comfyui):
 
     assert Path(nodes.LOADED_MODULE_DIRS["diffusion_sae"]).resolve() == REPO
     assert Path(nodes.EXTENSION_WEB_DIRS["diffusion_sae"]).resolve() == REPO / "web"
+    assert sorted(plugin_nodes) == sorted(node.GET_SCHEMA().node_id for node in comfyui.plugin_module().nodes.NODES)
+
+
+def test_comfyui_registers_the_v3_nodes_of_the_entry_point_with_their_display_names(comfyui):
+    """The loader takes the V1 route whenever the plugin has NODE_CLASS_MAPPINGS; ours has only the V3 entry."""
+    import asyncio
+
+    import nodes
+    from comfy_api.latest import ComfyExtension, io
+
     plugin = comfyui.plugin_module()
-    assert sorted(plugin_nodes) == sorted(plugin.NODE_CLASS_MAPPINGS)
-    assert set(plugin.NODE_DISPLAY_NAME_MAPPINGS) <= set(plugin.NODE_CLASS_MAPPINGS)
+    assert not hasattr(plugin, "NODE_CLASS_MAPPINGS")
+    extension = asyncio.run(plugin.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    listed = asyncio.run(extension.get_node_list())
+    assert listed == plugin.nodes.NODES and len(listed) == 12
+    for node in listed:
+        schema = node.GET_SCHEMA()
+        assert nodes.NODE_CLASS_MAPPINGS[schema.node_id] is node and issubclass(node, io.ComfyNode)
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] == schema.display_name
 
 
 def test_server_answers_object_info_with_the_plugin_nodes(comfyui, comfyui_server):

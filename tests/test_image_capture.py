@@ -12,7 +12,7 @@ import pytest
 
 from tiny_comfy_models import model_node, tiny_sd15_patcher
 
-from test_nodes_graph import _sae_core, comfy  # noqa: F401  (the module fixture with our plugin loaded)
+from test_nodes_graph import _sae_core, comfy, shard_rows  # noqa: F401  (comfy: the module fixture with our plugin)
 
 SITE = "middle_block:residual"  # tiny U-Net: 64 channels at 4x4
 SITE_WIDTH, SITE_TOKENS = 64, 16
@@ -100,18 +100,6 @@ def capture_graph(folder: str, pool: str = "mean", seed: int = 0, site: str = SI
     }
 
 
-def shard_rows(image_comfy, folder: Path) -> dict:
-    """All rows of a capture folder, in order: activations, sample_id, token, timestep."""
-    import torch
-    from safetensors.torch import load_file
-
-    rows: dict = {}
-    for path in sorted(Path(folder).glob("shard_*.safetensors")):
-        for key, value in load_file(str(path)).items():
-            rows.setdefault(key, []).append(value)
-    return {key: torch.cat(values) for key, values in rows.items()}
-
-
 def run_capture(image_comfy, name: str, **kw) -> tuple[dict, Path]:
     import folder_paths
 
@@ -125,7 +113,7 @@ def test_pooled_capture_writes_one_vector_per_image_with_provenance(image_comfy)
     reader = _sae_core(image_comfy).ShardReader(folder, batch_size=1, shuffle=False)
     assert reader.n_tokens == N_IMAGES and reader.d == SITE_WIDTH
     assert reader.site.block == "middle_block" and reader.site.stream == "residual"
-    rows = shard_rows(image_comfy, folder)
+    rows = shard_rows(folder)
     assert rows["sample_id"].tolist() == list(range(N_IMAGES))
     assert rows["token"].tolist() == [-1] * N_IMAGES
     assert rows["timestep"].float().allclose(rows["timestep"].new_full((N_IMAGES,), SIGMA).float())
@@ -135,13 +123,13 @@ def test_pooled_capture_writes_one_vector_per_image_with_provenance(image_comfy)
 
 def test_unpooled_capture_writes_every_token_of_every_image(image_comfy):
     _, folder = run_capture(image_comfy, "img_tokens", pool="none")
-    rows = shard_rows(image_comfy, folder)
+    rows = shard_rows(folder)
     assert rows["activations"].shape == (N_IMAGES * SITE_TOKENS, SITE_WIDTH)
     assert rows["sample_id"].tolist() == [i for i in range(N_IMAGES) for _ in range(SITE_TOKENS)]
     assert rows["token"].tolist() == list(range(SITE_TOKENS)) * N_IMAGES
     # pooling the tokens gives the pooled capture's vectors
     _, pooled_folder = run_capture(image_comfy, "img_pooled_again")
-    pooled = shard_rows(image_comfy, pooled_folder)["activations"].float()
+    pooled = shard_rows(pooled_folder)["activations"].float()
     tokens = rows["activations"].float().reshape(N_IMAGES, SITE_TOKENS, SITE_WIDTH).mean(1)
     assert tokens.allclose(pooled, atol=1e-5)
 
@@ -150,7 +138,7 @@ def test_same_seed_same_vectors_other_seed_other_vectors(image_comfy):
     _, a = run_capture(image_comfy, "img_seed_a", seed=5)
     _, b = run_capture(image_comfy, "img_seed_b", seed=5)
     _, c = run_capture(image_comfy, "img_seed_c", seed=6)
-    va, vb, vc = (shard_rows(image_comfy, f)["activations"] for f in (a, b, c))
+    va, vb, vc = (shard_rows(f)["activations"] for f in (a, b, c))
     assert va.equal(vb)
     assert not va.equal(vc)
 
@@ -165,23 +153,24 @@ def test_the_model_given_is_not_modified(image_comfy):
     before = sample(model, seed=3, positive=positive, negative=negative, latent=random_latent(seed=2), cfg=2.0)
     import nodes
 
-    node = nodes.NODE_CLASS_MAPPINGS["SAECaptureFromImages"]()
+    node = nodes.NODE_CLASS_MAPPINGS["SAECaptureFromImages"]
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        node.capture(model, tiny_vae(0), images, SITE, SIGMA, "mean", "sae_activations/img_untouched", 0,
+        node.execute(model, tiny_vae(0), images, SITE, SIGMA, "mean", "sae_activations/img_untouched", 0,
                      positive=positive)
     after = sample(model, seed=3, positive=positive, negative=negative, latent=random_latent(seed=2), cfg=2.0)
     assert hashlib.sha256(before.numpy().tobytes()).digest() == hashlib.sha256(after.numpy().tobytes()).digest()
     assert not model.object_patches and "patches" not in model.model_options.get("transformer_options", {})
 
 
-def test_unknown_site_and_bad_folder_are_node_errors(image_comfy):
-    import json
-
+def test_unknown_site_and_bad_folder_are_node_errors_named_by_kind(image_comfy):
     with pytest.raises(image_comfy.GraphError) as raised:
         image_comfy.execute_graph(capture_graph("sae_activations/img_bad_site", site="middle_block:nope"))
-    message = json.dumps(raised.value.details) + str(raised.value)
-    assert "unknown site 'middle_block:nope'" in message and SITE in message
+    failure = raised.value.details
+    assert failure["exception_type"].endswith(".SiteError")
+    assert "unknown site middle_block:nope" in failure["exception_message"] and SITE in failure["exception_message"]
     with pytest.raises(image_comfy.GraphError) as raised:
         image_comfy.execute_graph(capture_graph("../outside"))
-    assert "inside ComfyUI's output folder" in json.dumps(raised.value.details) + str(raised.value)
+    failure = raised.value.details
+    assert failure["exception_type"].endswith(".InputError")
+    assert "inside ComfyUI's output folder" in failure["exception_message"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from test_image_capture import SAETestTinySD15
-from test_nodes_graph import SAETestKeepLatent, _node_error, _sae_core, comfy, latent_sha  # noqa: F401
+from test_nodes_graph import (SAETestKeepLatent, _dictionary, _node_error, _sae_core, capture_node, comfy,  # noqa: F401
+                              first_call, latent_sha)
 from tiny_comfy_models import SD15_TEXT_WIDTH
 
 SITE = "middle_block:residual"
@@ -82,11 +83,28 @@ def test_a_bottleneck_dictionary_trains_from_an_sd15_capture(sd15, trained):
     assert header["d_in"] == 64
 
 
-def test_sd15_zero_strength_steer_is_bit_identical_and_nonzero_changes_the_latent(sd15, trained):
+def test_sd15_zero_strength_steer_is_bit_identical_and_leaves_nothing_behind(sd15, trained):
     plain = latent_sha(sd15.execute_graph(graph(("1", 0), run=1)))
     assert latent_sha(sd15.execute_graph(steer(trained, 0.0, run=2))) == plain
-    assert latent_sha(sd15.execute_graph(steer(trained, 1.0, run=3))) != plain
+    sd15.execute_graph(steer(trained, 1.0, run=3))
     assert latent_sha(sd15.execute_graph(graph(("1", 0), run=4))) == plain  # nothing leaked into the model
+
+
+def test_sd15_steer_add_moves_the_bottleneck_by_strength_times_the_feature_direction(sd15, trained):
+    """A capture after the steer, at the same site, against one on the unsteered model: the first model call
+    sees the same input in both, so they differ by exactly the edit."""
+    plain_folder, plain_capture = capture_node(("1", 0), site=SITE)
+    plain = sd15.execute_graph(graph(("20", 0), run=5, extra={"20": plain_capture}))
+    steered_graph = steer(trained, 2.0, run=6)
+    steered_graph["11"]["inputs"]["units"] = "raw"
+    steered_folder, steered_graph["20"] = capture_node(("11", 0), site=SITE)
+    steered_graph["3"]["inputs"]["model"] = ["20", 0]
+    steered = sd15.execute_graph(steered_graph)
+    moved = first_call(steered_folder)[0] - first_call(plain_folder)[0]
+    direction = _dictionary(sd15, trained).direction(1)
+    assert moved.shape == (64, 64) and direction.norm() > 0.1  # 8x8 tokens of width 64
+    assert moved.sub(2.0 * direction).abs().max() < 1e-4
+    assert latent_sha(steered) != latent_sha(plain)
 
 
 def test_a_flux_site_on_sd15_is_a_node_error_listing_the_unet_sites(sd15, trained):

@@ -39,7 +39,8 @@ def server(comfyui, tmp_path_factory):
     (base / "custom_nodes" / "sae_test_nodes" / "__init__.py").write_text(TEST_NODE_PACKAGE)
     (base / "models" / "sae").mkdir(parents=True)
     acts = torch.randn(1024, 64, generator=torch.Generator().manual_seed(0))
-    config = core.TrainConfig(kind="topk", k=4, n_latents=128, total_steps=10, batch_size=256, warmup_steps=1)
+    config = core.TrainConfig(core.DictionaryConfig(kind="topk", k=4, n_latents=128), total_steps=10, batch_size=256,
+                              warmup_steps=1)
     core.save_dictionary(core.train_dictionary(acts, config).dictionary, base / "models" / "sae" / "tiny.safetensors")
     with comfyui_harness.comfyui_server(base) as url:
         yield url
@@ -69,12 +70,20 @@ def run_prompt(url: str, graph: dict) -> dict:
     raise TimeoutError(f"prompt {prompt_id} did not finish within {HISTORY_TIMEOUT_S:.0f} s")
 
 
-def test_object_info_lists_every_node_of_ours(comfyui, server):
+def test_object_info_lists_every_node_of_ours_described_with_a_tooltip_on_every_input(comfyui, server):
     _, info = _request(server + "/object_info")
-    ours = set(comfyui.plugin_module().NODE_CLASS_MAPPINGS)
+    ours = {node.GET_SCHEMA().node_id for node in comfyui.plugin_module().nodes.NODES}
     assert ours <= set(info), ours - set(info)
+    for node_id in ours:
+        node = info[node_id]
+        assert node["python_module"] == "custom_nodes.diffusion_sae" and node["category"].startswith("Diffusion SAE/")
+        assert len(node["description"]) > 40, node_id
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        assert inputs and list(inputs) == [*node["input_order"]["required"], *node["input_order"].get("optional", [])]
+        untold = [name for name, (_, spec) in inputs.items() if len(spec.get("tooltip", "")) < 10]
+        assert not untold, (node_id, untold)
     assert info["SAESteer"]["display_name"] == "Steer"
-    assert "tiny.safetensors" in info["SAELoadDictionary"]["input"]["required"]["dictionary"][0]
+    assert "tiny.safetensors" in info["SAELoadDictionary"]["input"]["required"]["dictionary"][1]["options"]
 
 
 def test_a_steered_prompt_runs_and_reports_through_history(server):
@@ -92,6 +101,11 @@ def test_bad_prompts_get_errors_and_the_server_keeps_serving(server):
     failing = run_prompt(server, steered_graph("tiny.safetensors", 1.0, features="4096"))
     assert failing["status"]["status_str"] == "error"
     assert "out of range" in json.dumps(failing["status"]["messages"])
+
+    failing = run_prompt(server, steered_graph("tiny.safetensors", 1.0, site="double_blocks.9:image"))
+    (error,) = [data for event, data in failing["status"]["messages"] if event == "execution_error"]
+    assert error["node_type"] == "SAESteer" and error["exception_type"] == "diffusion_sae.SiteError"
+    assert error["exception_message"].startswith("unknown site double_blocks.9:image")
 
     assert run_prompt(server, sampling_graph(run=1))["status"]["status_str"] == "success"
 

@@ -1,8 +1,8 @@
-"""The model organism in ComfyUI (nodes/organism_nodes.py): ComfyUI's own Flux and SD1.5 U-Net classes
+"""The model organism in ComfyUI (nodes/organism_nodes.py, organism/comfy.py): ComfyUI's own Flux and SD1.5 U-Net classes
 with the organism's weights, the four organism nodes in graphs run by ComfyUI's executor, and our
 Steer node on the result.
 
-The organisms here are random-weight ones built with training/organism (``build_flux`` / ``build_unet``,
+The organisms here are random-weight ones built with organism/models.py (``build_flux`` / ``build_unet``,
 every parameter perturbed so that no weight keeps a symmetric default such as a norm scale of 1) and
 saved with the organism pipelines' ``save_pretrained``: the committed weights are not needed.
 """
@@ -74,8 +74,8 @@ def _perturb(module, seed: int):
 @pytest.fixture(scope="module")
 def organisms(comfy, tmp_path_factory):
     """family -> (the diffusers denoiser, the folder it was saved to)."""
-    models = _plugin(comfy, "training.organism.models")
-    pipelines = _plugin(comfy, "training.organism.pipelines")
+    models = _plugin(comfy, "organism.models")
+    pipelines = _plugin(comfy, "organism.pipelines")
     root = tmp_path_factory.mktemp("organisms")
     flux = _perturb(models.build_flux(seed=1), seed=11)
     unet = _perturb(models.build_unet(seed=2), seed=12)
@@ -89,8 +89,8 @@ def loaded(comfy, organisms):
     """family -> the MODEL (ModelPatcher) that Load Model Organism returns for the saved folder."""
     import nodes
 
-    load = nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"]()
-    return {family: load.load(family, str(folder))[0] for family, (_, folder) in organisms.items()}
+    load = nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"]
+    return {family: load.execute(family, str(folder))[0] for family, (_, folder) in organisms.items()}
 
 
 def _inputs(seed=0, batch=2):
@@ -108,7 +108,7 @@ def test_flux_organism_is_comfyuis_own_flux_and_matches_diffusers_exactly(comfy,
     import torch
     from comfy.ldm.flux.model import Flux
 
-    models = _plugin(comfy, "training.organism.models")
+    models = _plugin(comfy, "organism.models")
     transformer, _ = organisms["flux"]
     patcher = loaded["flux"]
     model = patcher.model
@@ -139,7 +139,7 @@ def test_unet_organism_is_comfyuis_sd15_unet_and_matches_diffusers_exactly(comfy
     from comfy.supported_models import SD15
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    pipelines = _plugin(comfy, "training.organism.pipelines")
+    pipelines = _plugin(comfy, "organism.pipelines")
     unet, _ = organisms["unet"]
     model = loaded["unet"].model
     assert type(model.diffusion_model) is UNetModel and isinstance(model.model_config, SD15)
@@ -175,7 +175,7 @@ def test_comfyui_sampling_on_the_diffusers_sigmas_reproduces_the_diffusers_pipel
     import nodes
     import torch
 
-    pipelines = _plugin(comfy, "training.organism.pipelines")
+    pipelines = _plugin(comfy, "organism.pipelines")
     denoiser, _ = organisms[family]
     if family == "flux":
         pipe = pipelines.OrganismFluxPipeline(denoiser, pipelines.flux_scheduler())
@@ -189,9 +189,9 @@ def test_comfyui_sampling_on_the_diffusers_sigmas_reproduces_the_diffusers_pipel
     start = float((1 + sigmas[0] ** 2) ** 0.5 / sigmas[0]) if family == "unet" else 1.0
     expected = pipe("a handwritten seven", num_inference_steps=4, guidance_scale=3.0, latents=noise * start,
                     output_type="latent").images
-    encode = nodes.NODE_CLASS_MAPPINGS["SAEOrganismTextEncode"]()
+    encode = nodes.NODE_CLASS_MAPPINGS["SAEOrganismTextEncode"]
     model = loaded[family]
-    positive, negative = encode.encode(model, "a handwritten seven")[0], encode.encode(model, "")[0]
+    positive, negative = encode.execute(model, "a handwritten seven")[0], encode.execute(model, "")[0]
     with torch.no_grad():
         got = comfy_sample.sample_custom(model, noise, 3.0, comfy_samplers.sampler_object("euler"), sigmas, positive,
                                          negative, torch.zeros_like(noise), disable_pbar=True, seed=0)
@@ -199,14 +199,14 @@ def test_comfyui_sampling_on_the_diffusers_sigmas_reproduces_the_diffusers_pipel
 
 
 def test_diffusers_block_names_pair_with_comfyui_blocks_of_the_same_outputs(comfy, organisms, loaded):
-    """comfy_block_name: each diffusers block's output equals its ComfyUI block's output."""
+    """The U-Net catalogue: each diffusers block's output equals its ComfyUI block's output."""
     import torch
 
     comfy_unet = _plugin(comfy, "nodes.adapters.comfy_unet")
     unet, _ = organisms["unet"]
     net = loaded["unet"].model.diffusion_model
     names = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2")
-    pairs = {name: comfy_unet.comfy_block_name(name, net) for name in names}
+    pairs = {name: comfy_unet.UNetAdapter().resolve(loaded["unet"], f"{name}:residual").block for name in names}
     assert pairs["up_blocks.1"] == "output_blocks.3" and pairs["down_blocks.0"] == "input_blocks.2"
     seen_diffusers, seen_comfy, handles = {}, {}, []
 
@@ -249,15 +249,16 @@ def test_text_encode_gives_comfyui_conditioning_from_the_organism_encoder(comfy,
     import nodes
     import torch
 
-    text = _plugin(comfy, "training.organism.text")
-    encode = nodes.NODE_CLASS_MAPPINGS["SAEOrganismTextEncode"]()
-    (conditioning,) = encode.encode(loaded["flux"], "a handwritten seven")
+    text = _plugin(comfy, "organism.text")
+    encode = nodes.NODE_CLASS_MAPPINGS["SAEOrganismTextEncode"]
+    (conditioning,) = encode.execute(loaded["flux"], "a handwritten seven").result
     [[tokens, extra]] = conditioning
     expected = text.shared_encoder()(["a handwritten seven"])
     assert tokens.shape == (1, 16, 384) and extra["pooled_output"].shape == (1, 384)
     assert torch.equal(tokens, expected.tokens) and torch.equal(extra["pooled_output"], expected.pooled)
-    with pytest.raises(ValueError, match="needs the MODEL from Load Model Organism"):
-        encode.encode(tiny_flux_patcher(), "a cat")  # a Flux, but not an organism
+    with pytest.raises(ValueError, match="needs the MODEL from Load Model Organism") as refused:
+        encode.execute(tiny_flux_patcher(), "a cat")  # a Flux, but not an organism
+    assert type(refused.value).__name__ == "InputError"
 
 
 def organism_graph(family: str, folder, label: str, steer: float | None = None, dictionary: str = "") -> dict:
@@ -299,7 +300,8 @@ def flux_dictionary(comfy):
 
     core = _plugin(comfy, "sae_core")
     acts = torch.randn(512, 128, generator=torch.Generator().manual_seed(0))
-    config = core.TrainConfig(kind="topk", k=4, n_latents=256, total_steps=5, batch_size=128, warmup_steps=1)
+    config = core.TrainConfig(core.DictionaryConfig(kind="topk", k=4, n_latents=256), total_steps=5, batch_size=128,
+                              warmup_steps=1)
     core.save_dictionary(core.train_dictionary(acts, config).dictionary, comfy.organism_sae_dir / "organism128.safetensors")
     return "organism128.safetensors"
 
@@ -343,9 +345,9 @@ def test_a_bad_folder_is_a_clear_node_error(comfy, organisms, tmp_path):
 
     import nodes
 
-    load = nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"]()
+    load = nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"]
     with pytest.raises(ValueError, match=r"lacks unet/config.json and unet/diffusion_pytorch_model.safetensors"):
-        load.load("unet", str(organisms["flux"][1]))  # a Flux organism is not a U-Net one
+        load.execute("unet", str(organisms["flux"][1]))  # a Flux organism is not a U-Net one
 
 
 def test_missing_or_unexpected_weights_are_named(comfy, organisms, tmp_path):
@@ -362,7 +364,7 @@ def test_missing_or_unexpected_weights_are_named(comfy, organisms, tmp_path):
     state["extra.weight"] = state["x_embedder.weight"].clone()
     save_file(state, str(weights))
     with pytest.raises(ValueError) as raised:
-        nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"]().load("flux", str(folder))
+        nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"].execute("flux", str(folder))
     message = str(raised.value)
     assert "unexpected keys (1): extra.weight" in message
     assert "final_layer.linear.bias" in message  # missing, in ComfyUI's name

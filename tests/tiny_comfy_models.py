@@ -6,6 +6,13 @@
     latent = random_latent(seed=2)           # (1, 4, 8, 8), non-zero
     out = sample(patcher, seed=3, positive=positive, negative=negative, latent=latent, cfg=2.0)
 
+Every diffusion-transformer family ComfyUI 0.3.75 runs, the same way (:data:`TINY_FAMILIES`)::
+
+    spec = TINY_FAMILIES["wan"]
+    patcher = tiny_family_patcher("wan", seed=0)
+    positive, negative = family_conditioning(spec, seed=1)
+    out = sample(patcher, positive=positive, negative=negative, latent=family_latent(spec), cfg=2.0)
+
 The models are built the way ComfyUI builds real ones (``comfy.supported_models.<Family>(unet_config)
 .get_model({})`` -> ``comfy.model_patcher.ModelPatcher``), without state-dict detection (it would guess
 the head count of a 64-wide Flux wrong). ComfyUI's ``disable_weight_init`` layers leave their weights
@@ -19,6 +26,7 @@ ComfyUI is imported inside the functions only: import this module freely, call i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -63,10 +71,15 @@ SD15_TEXT_WIDTH = SD15_CONFIG["context_dim"]
 
 
 def _fill_weights(module: torch.nn.Module, seed: int) -> None:
-    """Deterministic init: matrices ~ N(0, 1/fan_in), biases small, norm scales 1."""
+    """Deterministic init: matrices ~ N(0, 1/fan_in), biases small, norm scales 1. Buffers saved in the
+    state dict (SD3's ``pos_embed``) are checkpoint data that ComfyUI allocates with ``torch.empty``:
+    filled like parameters, or two builds would differ by whatever memory they got."""
     g = torch.Generator().manual_seed(seed)
+    saved = set(module.state_dict().keys())
+    tensors = [(n, t) for n, t in module.named_parameters()]
+    tensors += [(n, b) for n, b in module.named_buffers() if n in saved and b.is_floating_point()]
     with torch.no_grad():
-        for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        for name, param in sorted(tensors, key=lambda item: item[0]):
             leaf = name.rsplit(".", 1)[-1]
             if param.ndim >= 2:
                 fan_in = math.prod(param.shape[1:])
@@ -94,11 +107,130 @@ def _patcher(model_config, seed: int):
 
 def tiny_flux_patcher(seed: int = 0):
     """A ModelPatcher around a real ``comfy.ldm.flux.model.Flux`` (hidden 64, 2 double + 2 single blocks)."""
+    return tiny_family_patcher("flux", seed)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A tiny random-weight instance of one ComfyUI model class, and the inputs it samples from.
+
+    Pitfalls met building them (ComfyUI 0.3.75, CPU): Wan and Qwen-Image latents are 16 channels (their
+    latent formats normalise per channel); LTX-Video needs an integer ``attention_mask`` in the
+    conditioning; HiDream needs ``conditioning_llama3`` (batch, layers, tokens, width) with one Llama
+    layer per block; Z-Image's timestep embedder emits 256 features, so it is at least 256 wide; FLUX.2
+    pads the prompt to 512 tokens (``model_base.Flux2.extra_conds``); AuraFlow puts 8 register tokens
+    before the prompt.
+    """
+
+    name: str
+    family: str
+    """Our family (``sae_core.sites.families``); Z-Image is a "lumina2" model."""
+    config: str
+    """``comfy.supported_models`` class."""
+    unet_config: dict
+    channels: int
+    """Latent channels."""
+    frames: Optional[int] = None
+    """Latent frames: a video latent (batch, channels, frames, rows, cols); None: (batch, channels, rows, cols)."""
+    text_width: int = 48
+    extras: dict[str, Callable[[torch.Generator, int], Any]] = field(default_factory=dict)
+    """Conditioning entries besides the prompt: name -> ``f(generator, prompt_tokens)``."""
+    text_seen: int = 8
+    """Text tokens a text site sees for an 8-token prompt."""
+    patch: tuple[int, int, int] = (1, 2, 2)
+    """(frames, rows, cols) of one token."""
+
+
+def _random(*shape: int) -> Callable[[torch.Generator, int], torch.Tensor]:
+    return lambda g, tokens: torch.randn(*shape, generator=g)
+
+
+def _constant(value: Any) -> Callable[[torch.Generator, int], Any]:
+    return lambda g, tokens: value
+
+
+def _prompt_mask(g: torch.Generator, tokens: int) -> torch.Tensor:
+    return torch.ones(1, tokens, dtype=torch.long)
+
+
+_POOLED = {"pooled_output": _random(1, 32)}
+TINY_FAMILIES: dict[str, TinyFamily] = {spec.name: spec for spec in (
+    TinyFamily("flux", "flux", "Flux", FLUX_CONFIG, 4, extras={**_POOLED, "guidance": _constant(3.5)}),
+    TinyFamily("flux2", "flux2", "Flux2", dict(
+        FLUX_CONFIG, image_model="flux2", axes_dim=[8, 8, 8, 8], global_modulation=True, mlp_silu_act=True,
+        ops_bias=False, qkv_bias=False, vec_in_dim=None), 4, extras=_POOLED, text_seen=512),
+    TinyFamily("chroma", "chroma", "Chroma", dict(
+        image_model="chroma", in_channels=16, out_channels=16, context_in_dim=48, hidden_size=64, mlp_ratio=2.0,
+        num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=32, n_layers=1), 4, extras=_POOLED),
+    TinyFamily("hunyuan_video", "hunyuan_video", "HunyuanVideo", dict(
+        image_model="hunyuan_video", in_channels=4, out_channels=4, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+        mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
+        use_cond_type_embedding=False, vision_in_dim=None), 4, frames=2, extras=_POOLED),
+    TinyFamily("aura_flow", "aura_flow", "AuraFlow", dict(
+        in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=4, n_double_layers=2, n_heads=2,
+        global_conddim=64, cond_seq_dim=48, max_seq=16), 4, text_seen=8 + 8),
+    TinyFamily("qwen_image", "qwen_image", "QwenImage", dict(
+        image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12)), 16, frames=1),
+    TinyFamily("sd3", "sd3", "SD3", dict(
+        in_channels=4, out_channels=4, depth=2, pos_embed_max_size=8, num_patches=64, patch_size=2,
+        adm_in_channels=32, pos_embed_scaling_factor=None,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}}),
+        4, extras=_POOLED),
+    TinyFamily("wan", "wan", "WAN21_T2V", dict(
+        image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=64, ffn_dim=128, freq_dim=32,
+        text_dim=48, out_dim=16, num_heads=2, num_layers=2), 16, frames=2),
+    TinyFamily("ltxv", "ltxv", "LTXV", dict(
+        image_model="ltxv", in_channels=8, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
+        caption_channels=48, num_layers=2), 8, frames=2, extras={"attention_mask": _prompt_mask}, patch=(1, 1, 1)),
+    TinyFamily("lumina2", "lumina2", "Lumina2", dict(
+        image_model="lumina2", patch_size=2, in_channels=4, dim=64, n_layers=2, n_refiner_layers=2, n_heads=2,
+        n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=1.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=48,
+        axes_dims=[8, 12, 12], axes_lens=[32, 32, 32]), 4),
+    TinyFamily("z_image", "lumina2", "ZImage", dict(
+        image_model="lumina2", patch_size=2, in_channels=4, dim=256, n_layers=2, n_refiner_layers=2, n_heads=2,
+        n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=0.5, norm_eps=1e-5, qk_norm=True, cap_feat_dim=48,
+        axes_dims=[32, 48, 48], axes_lens=[64, 64, 64], rope_theta=256.0, time_scale=1000.0, pad_tokens_multiple=32,
+        z_image_modulation=True), 4),
+    TinyFamily("hidream", "hidream", "HiDream", dict(
+        image_model="hidream", patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2,
+        attention_head_dim=32, num_attention_heads=2, caption_channels=[48, 40], text_emb_dim=32,
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(16, 8, 8), max_resolution=(16, 16),
+        llama_layers=[0, 1, 2, 3]), 4, extras={**_POOLED, "conditioning_llama3": _random(1, 4, 6, 40)},
+        text_seen=8 + 6 + 6),  # T5's 8 tokens, the last Llama layer's 6, the block's own Llama layer's 6
+)}
+"""One tiny model per family (widths 64-256, two blocks of each kind), by name."""
+
+
+def tiny_family_patcher(name: str, seed: int = 0):
+    """A ModelPatcher around ``TINY_FAMILIES[name]``'s network, built by its ``comfy.supported_models`` class."""
     import comfy.supported_models
 
-    config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    spec = TINY_FAMILIES[name]
+    config = getattr(comfy.supported_models, spec.config)(dict(spec.unet_config))
     config.set_inference_dtype(torch.float32, None)
     return _patcher(config, seed)
+
+
+def family_conditioning(spec: TinyFamily, seed: int = 1, tokens: int = TEXT_TOKENS):
+    """``(positive, negative)`` CONDITIONING for a tiny family model (one row each)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        prompt = torch.randn(1, tokens, spec.text_width, generator=g)
+        return [[prompt, {name: make(g, tokens) for name, make in spec.extras.items()}]]
+
+    return one(), one()
+
+
+def family_latent(spec: TinyFamily, seed: int = 2, size: tuple[int, int] = (LATENT_SIZE, LATENT_SIZE)) -> torch.Tensor:
+    """A non-zero latent of the family's layout, ``size`` = (rows, cols) in latent pixels."""
+    frames = () if spec.frames is None else (spec.frames,)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, spec.channels, *frames, *size, generator=g) * 0.1
 
 
 def tiny_sd15_patcher(seed: int = 0, full_layout: bool = False):

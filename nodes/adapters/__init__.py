@@ -2,49 +2,46 @@
 
     adapter = adapter_for(model)                 # model: a ComfyUI MODEL (ModelPatcher)
     adapter.available_sites(model)               # [Site(family, block, stream, extra={"d": width})]
+    site = adapter.resolve(model, "transformer_blocks.3:image")   # any runtime's name -> the model's own site
     patched = adapter.patch(model, {site: fn})   # a CLONE with fn(h, ctx) -> h running at the site
 
 A site function gets the site's own tokens ``(batch, tokens, d)`` (image OR text, never both) and a
-``SiteContext(sigma, progress, cond, grid)``; what it returns replaces them (sae_core.intervention).
-``patch`` never changes the patcher it is given, and patching a clone that already carries patches on
-the same block keeps them: nodes chain (capture, then steer, on one block: both run, in that order).
-A function that keeps ``h`` must copy it: ComfyUI may later edit block outputs in place (ControlNet).
+``SiteContext`` (sigma, progress, cond rows, grid, frames, timestep; ``sae_core.sites``); what it
+returns replaces them. ``patch`` never changes the patcher it is given, and patching a clone that
+already carries patches on the same block keeps them: nodes chain (capture, then steer, on one block:
+both run, in that order). A function that keeps ``h`` must copy it: blocks and ComfyUI may later edit
+block outputs in place.
 
-Families (the rule; details in each module):
+Adapters (the family rules are in each module):
 
-* "flux": the diffusion model is exactly ``comfy.ldm.flux.model.Flux`` and the MODEL is not Flux 2
-  (``comfy_flux.FluxAdapter``: double blocks image/text/update, single blocks image/update);
-* "sd15" / "sdxl": the diffusion model is exactly ``openaimodel.UNetModel`` and its ``model_config`` is
-  ``supported_models.SD15`` / ``SDXL`` (or a config whose ``unet_config`` says SD1.5's context_dim 768
-  without adm, or SDXL's adm_in_channels 2816 with context_dim 2048) (``comfy_unet.UNetAdapter``:
-  input/middle/output blocks, residual and, where the shape is kept, update);
-* anything else (SD3/MMDiT, Chroma, Flux 2, Qwen-Image, SD2.x, video models, ...) raises
-  DictionaryError naming what is supported.
+* ``comfy_dit.DitAdapter``: transformers with ComfyUI block replacement (``patches_replace["dit"]``):
+  FLUX.1, FLUX.2, Chroma, HunyuanVideo, AuraFlow, Qwen-Image, SD3/SD3.5, Wan 2.x, LTX-Video;
+* ``comfy_hooks.HookAdapter``: transformers without a patch point, by forward hooks that live for one
+  model call: Lumina 2 / Z-Image, HiDream-I1;
+* ``comfy_unet.UNetAdapter``: ``openaimodel.UNetModel`` (SD 1.5, SD 2.x, SDXL, the SDXL refiner).
+
+Anything else raises a SiteError naming the supported families.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from .common import SUPPORTED, ComfyAdapter, diffusion_model, unsupported
-from .comfy_flux import FluxAdapter, is_flux2
-from .comfy_unet import REVELIO_BLOCKS, UNetAdapter, is_unet, revelio_site
+from .comfy_dit import DitAdapter
+from .comfy_hooks import HookAdapter
+from .comfy_unet import REVELIO_BLOCKS, UNetAdapter, revelio_site
 
-ADAPTERS: tuple[ComfyAdapter, ...] = (FluxAdapter(), UNetAdapter())
+ADAPTERS: tuple[ComfyAdapter, ...] = (DitAdapter(), HookAdapter(), UNetAdapter())
 
 
 def adapter_for(model_patcher: Any) -> ComfyAdapter:
-    """The adapter for this ComfyUI MODEL; DictionaryError for a model we have no sites for."""
+    """The adapter for this ComfyUI MODEL; SiteError, naming the supported families, for any other."""
     net = diffusion_model(model_patcher)
     for adapter in ADAPTERS:
         if adapter.handles(model_patcher):
             return adapter
-    detail = ""
-    if is_flux2(model_patcher) and type(net).__name__ == "Flux":
-        detail = ", Flux 2"
-    elif is_unet(model_patcher):  # a U-Net, but neither SD1.5 nor SDXL
-        detail = f", {type(getattr(model_patcher.model, 'model_config', None)).__name__} config"
-    raise unsupported(net, detail)
+    raise unsupported(net, f" in a {type(model_patcher.model).__name__} model")
 
 
-__all__ = ["ADAPTERS", "REVELIO_BLOCKS", "SUPPORTED", "ComfyAdapter", "FluxAdapter", "UNetAdapter", "adapter_for",
-           "revelio_site"]
+__all__ = ["ADAPTERS", "REVELIO_BLOCKS", "SUPPORTED", "ComfyAdapter", "DitAdapter", "HookAdapter", "UNetAdapter",
+           "adapter_for", "revelio_site"]

@@ -1,10 +1,11 @@
-"""SD1.5 / SDXL in ComfyUI (``openaimodel.UNetModel``): sites on the U-Net's input, middle and output blocks.
+"""SD 1.5, SD 2.x, SDXL and the SDXL refiner in ComfyUI (``openaimodel.UNetModel``): sites on the U-Net's
+input, middle and output blocks and on the spatial transformer inside a block.
 
-Sites (names are ComfyUI's module paths): ``input_blocks.{i}``, ``middle_block``, ``output_blocks.{i}``.
-Stream "residual": the block's OUTPUT map ``h`` (B, C, H, W) as tokens (B, H*W, C), row-major,
-``ctx.grid = (H, W)``; ``d = C``. Stream "update": output minus input, offered where the block keeps
-its input's shape (no resampler, same channels: e.g. SD1.5 ``input_blocks.1``, ``middle_block``; never
-an output block, whose input is ``cat(h, skip)``). What a site function returns replaces the output
+Sites (names and their diffusers translations: :mod:`sae_core.sites.unet`): ``input_blocks.{k}``,
+``middle_block``, ``output_blocks.{k}`` with stream "residual" (the block's OUTPUT map ``h`` (B, C, H, W)
+as tokens (B, H*W, C), row-major, ``ctx.grid = (H, W)``; ``d = C``) and, where the block keeps its
+input's shape, "update" (output minus input); ``<block>.1`` with stream "update": what the block's
+spatial transformer (its layer "1") adds to its input. What a site function returns replaces the output
 (for "update": what it adds to the update is added to the output).
 
 Route, verified in ComfyUI 0.3.75 (``comfy/ldm/modules/diffusionmodules/openaimodel.py``,
@@ -18,56 +19,58 @@ Route, verified in ComfyUI 0.3.75 (``comfy/ldm/modules/diffusionmodules/openaimo
   ``forward_timestep_embed(block, h, emb, context, transformer_options, ...)``, which iterates the
   block's layers. The clone gets ``add_object_patch("diffusion_model.<block>", wrapper)``, where the
   wrapper is a ``TimestepEmbedSequential`` holding the very same layers under the same names (weights,
-  LoRA keys and state-dict paths are unchanged; nothing is copied) and whose iteration yields one
-  extra layer before them (notes the block's input) and one after them (runs the site functions).
-  ComfyUI installs object patches when it loads the clone and restores the original block when it
-  unloads it, so the shared model never keeps our layers.
-* The last layer needs the call's ``transformer_options`` (sigma, schedule, cond_or_uncond), which
+  LoRA keys and state-dict paths are unchanged; nothing is copied) and whose iteration yields extra
+  layers around them: one before them (notes the block's input) and one after them (runs the block's
+  site functions); for a transformer site, one right before layer "1" (notes its input) and one right
+  after it. ComfyUI installs object patches when it loads the clone and restores the original block
+  when it unloads it, so the shared model never keeps our layers.
+* The site layers need the call's ``transformer_options`` (sigma, schedule, cond_or_uncond), which
   ``forward_timestep_embed`` passes only to known layer types, except through its own extension point:
   ``transformer_options["patches"]["forward_timestep_embed_patch"]`` = ``[(layer class, handler)]``,
   ``handler(layer, x, emb, context, transformer_options, output_shape, time_context,
   num_video_frames, image_only_indicator)`` (``ModelPatcher.set_model_forward_timestep_embed_patch``;
   present in 0.3.75 and kept by newer ComfyUI). The clone registers our layer class there. Without it
-  the layer still runs, with an unknown context (sigma, progress and cond None).
-* Chaining: a second patch of the same block on a clone wraps the wrapper; its input note runs first
-  and its site layer last, so both patches run, the earlier one first.
+  the layers still run, with an unknown context (sigma, progress and cond None).
+* Chaining: a second patch of the same block on a clone wraps the wrapper; its input notes run first
+  and its site layers last (at the block's end, or right after layer "1"), so both patches run, the
+  earlier one first.
 
-Family rule: the MODEL's ``model_config`` class decides: ``comfy.supported_models.SDXL`` and its
-subclasses (SSD-1B, Vega, KOALA, SDXL instruct-pix2pix) -> "sdxl"; ``SD15`` and its subclasses ->
-"sd15". Any other config class falls back to its ``unet_config``: ``adm_in_channels == 2816`` with
-``context_dim == 2048`` -> "sdxl"; no ``adm_in_channels``, ``context_dim == 768``, 4 input channels
-and no temporal layers -> "sd15". Everything else (SD2.x, SDXL refiner, SVD, Zero123, x4 upscaler)
-is not supported: its dictionaries would not be SD1.5's or SDXL's.
+Family rule: the MODEL's ``model_config`` class decides: ``comfy.supported_models.SDXLRefiner`` ->
+"sdxl_refiner"; ``SDXL`` and its subclasses (SSD-1B, Vega, KOALA, SDXL instruct-pix2pix) -> "sdxl";
+``SD15`` and its subclasses -> "sd15"; ``SD20`` and its subclasses (SD 2.1, the unCLIP models; v- or
+eps-prediction alike: that comes from a weights key, not the class) -> "sd2", except the x4 upscaler
+and Lotus (other tasks on the SD 2 layout). Any other config class falls back to its ``unet_config``
+(4 input channels, no temporal layers): ``adm_in_channels`` 2816 with ``context_dim`` 2048 -> "sdxl",
+2560 with 1280 -> "sdxl_refiner"; no ``adm_in_channels`` with ``context_dim`` 768 -> "sd15", 1024 ->
+"sd2". Everything else (SVD, Zero123, upscalers, ...) is a SiteError: its dictionaries would not be
+these families'. The blocks come from the network itself (``model_channels``, ``channel_mult``,
+``num_res_blocks``, which blocks hold a ``SpatialTransformer``), so SSD-1B's or KOALA's layouts are
+listed as they are.
 
-Revelio's names on SD1.5 (``REVELIO_BLOCKS``): "bottleneck" = ``middle_block:residual``; "up_ft1" /
-"up_ft2" = the outputs of diffusers' ``up_blocks.1`` / ``up_blocks.2``. ComfyUI numbers the up path by
-resnet: SD1.5 has 3 output blocks per up block (the last of each holds its upsampler), so up block j
-ends at ``output_blocks.{3 j + 2}``: up_ft1 = ``output_blocks.5:residual``, up_ft2 =
-``output_blocks.8:residual``.
+Revelio's SD 1.5 feature names (``REVELIO_BLOCKS``, from :mod:`sae_core.sites`): "bottleneck" =
+``middle_block:residual``; "up_ft1" / "up_ft2" = the outputs of diffusers' ``up_blocks.1`` / ``.2``,
+on SD 1.5 ``output_blocks.5:residual`` / ``output_blocks.8:residual``.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ...sae_core.errors import DictionaryError
-from ...sae_core.intervention import SiteFunction
-from ...sae_core.site import Site
-from .common import CallInfo, ComfyAdapter, diffusion_model, run_site, sites, unsupported
+from ...sae_core.errors import SiteError
+from ...sae_core.sites import REVELIO_BLOCKS, Catalogue, Site, SiteFunction, unet_catalogue
+from ...sae_core.sites.unet import SHAPES, UNetShape
+from .common import ComfyAdapter, comfy_context, diffusion_model, run_site
 
-INPUT, MIDDLE, OUTPUT = "input_blocks", "middle_block", "output_blocks"
 EMBED_PATCH = "forward_timestep_embed_patch"
-REVELIO_BLOCKS = {"bottleneck": "middle_block", "up_ft1": "output_blocks.5", "up_ft2": "output_blocks.8"}
-"""Revelio's SD1.5 feature names -> ComfyUI block (stream "residual")."""
+TRANSFORMER_LAYER = "1"
+"""The spatial transformer's name inside a U-Net block (after the ResBlock "0")."""
 
 
 class _InputNote(nn.Module):
-    """First extra layer of a patched block: keeps the block's input for "update" sites."""
+    """An extra layer before a block (or before its transformer): keeps the input for "update" sites."""
 
     def __init__(self, keep: bool):
         super().__init__()
@@ -85,7 +88,7 @@ class _InputNote(nn.Module):
 
 
 class SiteLayer(nn.Module):
-    """Last extra layer of a patched block: runs the site functions on the block's output."""
+    """An extra layer after a block (or after its transformer): runs the site functions on that output."""
 
     def __init__(self, entries: list, note: _InputNote):
         super().__init__()
@@ -97,15 +100,14 @@ class SiteLayer(nn.Module):
 
     def run(self, x: Tensor, transformer_options: Optional[Mapping[str, Any]]) -> Tensor:
         before = self.note.take()
-        info = CallInfo(transformer_options, x.shape[0])
-        ctx = info.context((int(x.shape[2]), int(x.shape[3])))
+        ctx = comfy_context(transformer_options, x.shape[0]).at((int(x.shape[2]), int(x.shape[3])))
         layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         for site, fn in self.entries:
             tokens = x.flatten(2).transpose(1, 2)
             if site.stream == "update":
                 if before is None or before.shape != x.shape:
-                    raise DictionaryError(f"site {site}: the block's input was not seen or changed shape; "
-                                          "choose the residual stream for this block")
+                    raise SiteError(f"site {site}: the block's input was not seen or changed shape; "
+                                    "choose the residual stream for this block")
                 update = tokens - before.flatten(2).transpose(1, 2)
                 new = run_site(site, fn, update.contiguous(), ctx)
                 tokens = tokens + (new - update)
@@ -126,25 +128,36 @@ def site_layer_handler(layer, x, emb, context, transformer_options, *args, **kwa
     return layer.run(x, transformer_options)
 
 
-def _sequential_class():
-    from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
+@dataclass(frozen=True)
+class _Extras:
+    """The extra layers a patched block yields: before and after its own, and around one of its own."""
 
-    return TimestepEmbedSequential
+    before: tuple = ()
+    after: tuple = ()
+    around: Mapping[str, tuple[tuple, tuple]] = field(default_factory=dict)
 
 
-def _site_block(base: nn.Module, entries: list) -> nn.Module:
-    """A ``TimestepEmbedSequential`` with ``base``'s layers (same objects, same names) plus our two layers."""
+def _site_block(base: nn.Module, entries: list, inner: Mapping[str, list]) -> nn.Module:
+    """A ``TimestepEmbedSequential`` with ``base``'s layers (same objects, same names) and our layers
+    around them: ``entries`` run on the block's output, ``inner[layer]`` on that layer's output."""
     if not isinstance(base, nn.Sequential):
-        raise DictionaryError(f"this U-Net block was replaced by another node with a {type(base).__name__}, "
-                              "which cannot be patched again; put the SAE node before that node")
-
+        raise SiteError(f"this U-Net block was replaced by another node with a {type(base).__name__}, "
+                        "which cannot be patched again; put the SAE node before that node")
     block = _site_block_class()()
     for name, module in base._modules.items():
         block.add_module(name, module)
-    note = _InputNote(keep=any(site.stream == "update" for site, _ in entries))
-    inner_before, inner_after = getattr(base, "diffusion_sae_extra", ((), ()))
-    object.__setattr__(block, "diffusion_sae_extra", ((note,) + tuple(inner_before),
-                                                      tuple(inner_after) + (SiteLayer(entries, note),)))
+    extras: _Extras = getattr(base, "diffusion_sae_extra", _Extras())
+    before, after, around = extras.before, extras.after, dict(extras.around)
+    if entries:
+        note = _InputNote(keep=any(site.stream == "update" for site, _ in entries))
+        before, after = (note,) + before, after + (SiteLayer(entries, note),)
+    for layer, layer_entries in inner.items():
+        if layer not in base._modules:
+            raise SiteError(f"this U-Net block has no layer {layer!r} (its layers: {', '.join(base._modules)})")
+        note = _InputNote(keep=True)
+        earlier_before, earlier_after = around.get(layer, ((), ()))
+        around[layer] = ((note,) + earlier_before, earlier_after + (SiteLayer(layer_entries, note),))
+    object.__setattr__(block, "diffusion_sae_extra", _Extras(before, after, around))
     return block
 
 
@@ -154,67 +167,49 @@ _CLASS_CACHE: dict = {}
 def _site_block_class():
     """``SiteBlock(TimestepEmbedSequential)``, made once ComfyUI is importable."""
     if "SiteBlock" not in _CLASS_CACHE:
-        base = _sequential_class()
+        from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
 
-        class SiteBlock(base):
+        class SiteBlock(TimestepEmbedSequential):
             """A U-Net block with site layers around its own; iteration (what ComfyUI runs) includes them."""
 
             def __iter__(self):
-                before, after = self.diffusion_sae_extra
-                yield from before
-                yield from self._modules.values()
-                yield from after
+                extras: _Extras = self.diffusion_sae_extra
+                yield from extras.before
+                for name, layer in self._modules.items():
+                    ahead, behind = extras.around.get(name, ((), ()))
+                    yield from ahead
+                    yield layer
+                    yield from behind
+                yield from extras.after
 
         _CLASS_CACHE["SiteBlock"] = SiteBlock
     return _CLASS_CACHE["SiteBlock"]
 
 
-def _block_channels(block: nn.Module) -> tuple[Optional[int], Optional[int], bool]:
-    """``(input channels, output channels, resamples)`` of a U-Net block, from its layers."""
-    first = last = None
-    resamples = False
-    for layer in block._modules.values():
-        name = type(layer).__name__
-        if hasattr(layer, "channels") and hasattr(layer, "out_channels"):  # ResBlock, Up/Downsample
-            lin, lout = int(layer.channels), int(layer.out_channels)
-            resamples |= name in ("Upsample", "Downsample") or bool(getattr(layer, "updown", False))
-        elif hasattr(layer, "in_channels") and hasattr(layer, "out_channels"):  # conv
-            lin, lout = int(layer.in_channels), int(layer.out_channels)
-        elif hasattr(layer, "in_channels"):  # SpatialTransformer keeps its width
-            lin = lout = int(layer.in_channels)
-        else:
-            continue
-        first = lin if first is None else first
-        last = lout
-    return first, last, resamples
+# ----------------------------------------------------------------------------- family and shape
 
 
-def _blocks(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    blocks = [(f"{INPUT}.{i}", b) for i, b in enumerate(net.input_blocks)]
-    if getattr(net, "middle_block", None) is not None:
-        blocks.append((MIDDLE, net.middle_block))
-    blocks += [(f"{OUTPUT}.{i}", b) for i, b in enumerate(net.output_blocks)]
-    return blocks
+def _config_family(config: Any) -> Optional[str]:
+    """The site family of a ``model_config`` (see the module docstring); None for other U-Nets."""
+    import comfy.supported_models as models
+
+    refused = tuple(c for c in (getattr(models, "SD_X4Upscaler", None), getattr(models, "LotusD", None)) if c)
+    if refused and isinstance(config, refused):
+        return None
+    for class_name, family in (("SDXLRefiner", "sdxl_refiner"), ("SDXL", "sdxl"), ("SD15", "sd15"), ("SD20", "sd2")):
+        config_class = getattr(models, class_name, None)
+        if config_class is not None and isinstance(config, config_class):
+            return family
+    unet = getattr(config, "unet_config", {}) or {}
+    if unet.get("use_temporal_resblock") or unet.get("use_temporal_attention") or unet.get("in_channels", 4) != 4:
+        return None
+    by_conditioning = {(2816, 2048): "sdxl", (2560, 1280): "sdxl_refiner", (None, 768): "sd15", (None, 1024): "sd2"}
+    return by_conditioning.get((unet.get("adm_in_channels"), unet.get("context_dim")))
 
 
 def _unet_family(model_patcher: Any) -> Optional[str]:
     config = getattr(model_patcher.model, "model_config", None)
-    if config is None:
-        return None
-    import comfy.supported_models as models
-
-    if isinstance(config, models.SDXL):
-        return "sdxl"
-    if isinstance(config, models.SD15):
-        return "sd15"
-    unet = getattr(config, "unet_config", {}) or {}
-    temporal = unet.get("use_temporal_resblock") or unet.get("use_temporal_attention")
-    if unet.get("adm_in_channels") == 2816 and unet.get("context_dim") == 2048 and not temporal:
-        return "sdxl"
-    if (unet.get("adm_in_channels") is None and unet.get("context_dim") == 768 and unet.get("in_channels") == 4
-            and not temporal):
-        return "sd15"
-    return None
+    return None if config is None else _config_family(config)
 
 
 def is_unet(model_patcher: Any) -> bool:
@@ -225,76 +220,76 @@ def is_unet(model_patcher: Any) -> bool:
     return type(diffusion_model(model_patcher)) is UNetModel
 
 
-_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)$|^mid_block$")
+def _attends(block: nn.Module) -> bool:
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    return isinstance(block._modules.get(TRANSFORMER_LAYER), SpatialTransformer)
 
 
-def comfy_block_name(block: str, net: nn.Module) -> str:
-    """A diffusers U-Net block name (``down_blocks.1``, ``mid_block``, ``up_blocks.1``) as the ComfyUI block
-    whose output is the same tensor; other names are returned as they are.
+def _level_attends(flags: list[bool], level: int, path: str) -> bool:
+    if any(flags) and not all(flags):
+        raise SiteError(f"this U-Net has spatial transformers in only some {path} blocks of level {level} "
+                        "(num_attention_blocks); such layouts have no sites here")
+    return all(flags)
 
-    A diffusers down block ends with its downsampler (ComfyUI's separate input block after the level's
-    resnets), except the last level's; an up block ends with its last resnet (+ attention + upsampler),
-    ComfyUI's last output block of the level. With SD 1.5's layout (2 resnets per level, 4 levels):
-    ``up_blocks.1`` -> ``output_blocks.5`` (Revelio's up_ft1), ``down_blocks.0`` -> ``input_blocks.3``.
-    So a dictionary trained headless on a diffusers U-Net is used in ComfyUI by its own site name.
-    """
-    match = _DIFFUSERS_BLOCK.match(block)
-    if match is None:
-        return block
-    if block == "mid_block":
-        return "middle_block"
-    per_level = list(getattr(net, "num_res_blocks", []))
-    level = int(match.group(2))
-    if not 0 <= level < len(per_level):
-        raise DictionaryError(f"{block}: this U-Net has {len(per_level)} levels (down_blocks/up_blocks.0-{len(per_level) - 1})")
-    if match.group(1) == "down_blocks":
-        last_level = level == len(per_level) - 1
-        return f"input_blocks.{sum(per_level[: level + 1]) + level + (0 if last_level else 1)}"
-    return f"output_blocks.{sum(n + 1 for n in per_level[::-1][: level + 1]) - 1}"
+
+def unet_shape(net: nn.Module) -> UNetShape:
+    """The numbers of a ComfyUI ``UNetModel``: its channel settings, and which blocks hold a transformer."""
+    mult = tuple(int(m) for m in net.channel_mult)
+    res = tuple(int(n) for n in net.num_res_blocks)
+    levels = len(mult)
+    inputs = [_attends(block) for block in net.input_blocks]
+    outputs = [_attends(block) for block in net.output_blocks]
+    if len(inputs) != sum(res) + levels or len(outputs) != sum(res) + levels:
+        raise SiteError(f"this U-Net has {len(inputs)} input and {len(outputs)} output blocks, not the "
+                        f"{sum(res) + levels} each that channel_mult {mult} and num_res_blocks {res} make")
+    attention, output_attention = [], [False] * levels
+    k = 1
+    for level, n in enumerate(res):
+        attention.append(_level_attends(inputs[k:k + n], level, "input"))
+        k += n + 1
+    k = 0
+    for level in reversed(range(levels)):
+        output_attention[level] = _level_attends(outputs[k:k + res[level] + 1], level, "output")
+        k += res[level] + 1
+    middle = getattr(net, "middle_block", None)
+    return UNetShape(int(net.model_channels), mult, res, tuple(attention),
+                     middle_attention=middle is not None and _attends(middle), has_middle=middle is not None,
+                     output_attention=tuple(output_attention))
 
 
 class UNetAdapter(ComfyAdapter):
-    """Sites on ComfyUI's SD1.5 / SDXL U-Net blocks (see the module docstring)."""
+    """Sites on ComfyUI's SD 1.5 / SD 2.x / SDXL / SDXL refiner U-Nets (see the module docstring)."""
 
     name = "unet"
 
     def handles(self, model_patcher: Any) -> bool:
         return is_unet(model_patcher) and _unet_family(model_patcher) is not None
 
-    def family(self, model_patcher: Any) -> str:
+    def catalogue(self, model_patcher: Any) -> Catalogue:
+        net = diffusion_model(model_patcher)
         family = _unet_family(model_patcher) if is_unet(model_patcher) else None
         if family is None:
             config = type(getattr(model_patcher.model, "model_config", None)).__name__
-            raise unsupported(diffusion_model(model_patcher), f", {config} config")
-        return family
-
-    def available_sites(self, model_patcher: Any) -> list[Site]:
-        family = self.family(model_patcher)
-        names = []
-        for name, block in _blocks(diffusion_model(model_patcher)):
-            base = model_patcher.get_model_object(f"diffusion_model.{name}")
-            first, last, resamples = _block_channels(base)
-            if last is None:
-                continue
-            names.append((name, "residual", last))
-            if first == last and not resamples:
-                names.append((name, "update", last))
-        return sites(family, names)
-
-    def resolve(self, model_patcher: Any, site: Site) -> Site:
-        """As for every adapter, after translating diffusers block names (see :func:`comfy_block_name`)."""
-        block = comfy_block_name(site.block, diffusion_model(model_patcher))
-        if block != site.block:
-            site = dataclasses.replace(site, block=block)
-        return super().resolve(model_patcher, site)
+            raise SiteError(f"this {type(net).__name__} ({config} config) is not an SD 1.5, SD 2.x, SDXL or SDXL "
+                            "refiner U-Net, so it has no sites here (SVD, Zero123 and upscalers are not supported)")
+        return unet_catalogue(family, unet_shape(net))
 
     def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
         """A clone of ``model_patcher`` running ``site_functions`` at their sites (the input is untouched)."""
         plan = self.plan(model_patcher, site_functions)
-        clone = model_patcher.clone()
+        catalogue = self.catalogue(model_patcher)
+        edits: dict[str, tuple[list, dict[str, list]]] = {}
         for block, entries in plan.items():
+            if catalogue.block(block).role == "attention":  # "<block>.1": the transformer inside <block>
+                owner, layer = block.rsplit(".", 1)
+                edits.setdefault(owner, ([], {}))[1].setdefault(layer, []).extend(entries)
+            else:
+                edits.setdefault(block, ([], {}))[0].extend(entries)
+        clone = model_patcher.clone()
+        for block, (entries, inner) in edits.items():
             key = f"diffusion_model.{block}"
-            clone.add_object_patch(key, _site_block(clone.get_model_object(key), entries))
+            clone.add_object_patch(key, _site_block(clone.get_model_object(key), entries, inner))
         options = clone.model_options.setdefault("transformer_options", {})
         handlers = options.get("patches", {}).get(EMBED_PATCH, [])
         if not any(entry[0] is SiteLayer for entry in handlers):
@@ -303,13 +298,14 @@ class UNetAdapter(ComfyAdapter):
 
 
 def revelio_site(name: str, model_patcher: Any = None) -> Site:
-    """Revelio's SD1.5 feature name ("bottleneck", "up_ft1", "up_ft2") as a Site."""
+    """Revelio's SD 1.5 feature name ("bottleneck", "up_ft1", "up_ft2") as this MODEL's site (without a
+    MODEL: SD 1.5's own)."""
     if name not in REVELIO_BLOCKS:
-        raise DictionaryError(f"unknown Revelio feature {name!r}; use one of {', '.join(REVELIO_BLOCKS)}")
-    site = Site(family="sd15", block=REVELIO_BLOCKS[name], stream="residual")
-    if model_patcher is not None:
-        return UNetAdapter().resolve(model_patcher, site)
-    return site
+        raise SiteError(f"unknown Revelio feature {name!r}; use one of {', '.join(REVELIO_BLOCKS)}")
+    wanted = Site(family="sd15", block=REVELIO_BLOCKS[name], stream="residual")
+    if model_patcher is None:
+        return unet_catalogue("sd15", SHAPES["sd15"]).resolve(wanted)
+    return UNetAdapter().resolve(model_patcher, wanted)
 
 
-__all__ = ["REVELIO_BLOCKS", "SiteLayer", "UNetAdapter", "comfy_block_name", "is_unet", "revelio_site", "site_layer_handler"]
+__all__ = ["REVELIO_BLOCKS", "SiteLayer", "UNetAdapter", "is_unet", "revelio_site", "site_layer_handler", "unet_shape"]

@@ -1,4 +1,5 @@
-"""What both ComfyUI adapters share: the interface, the per-call context, and running a site function.
+"""What the ComfyUI adapters share: the interface, the per-call context, running a site function, and
+the note of what the diffusion model was called with.
 
 ComfyUI gives every diffusion-model call a fresh ``transformer_options`` dict (``samplers.py``
 ``_calc_cond_batch``) holding, in 0.3.75 and later:
@@ -12,72 +13,176 @@ All three are read with ``.get``: a caller outside a sampler (or an older ComfyU
 then the context says None rather than guess. Timestep windows in a :class:`Site` are not applied
 here: gating is the site function's job (``sae_core.timesteps.in_window``), as in the diffusers
 adapters.
+
+Transformer blocks never see the latent, so the token grid is not theirs to know. The transformer
+adapters register :func:`note_model_call` as a ``WrappersMP.APPLY_MODEL`` wrapper on their clones:
+``BaseModel.apply_model`` runs those for every family (SD3's MMDiT runs no ``DIFFUSION_MODEL``
+wrappers), and it passes its own ``transformer_options`` dict, the one every block of the call gets,
+on to the network. The wrapper puts a :class:`ModelCall` (latent shape, prompt length, timestep) in
+that dict under :data:`CALL_KEY`; blocks read it from their ``args["transformer_options"]``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ...sae_core.errors import DictionaryError
-from ...sae_core.intervention import SiteContext, SiteFunction
-from ...sae_core.site import Site, find_site
-from ...sae_core.timesteps import schedule_progress
+from ...sae_core.errors import SiteError
+from ...sae_core.sites import (FAMILIES, Catalogue, Site, SiteContext, SiteFunction, call_context, family, first_float,
+                               transformer_catalogue)
+from ...sae_core.sites.unet import SHAPES
 
 PATCH_KEY = "diffusion_sae"
 """Key of the wrappers this plugin registers on a ModelPatcher."""
 
-SUPPORTED = "Flux double/single blocks, SD1.5/SDXL U-Net input/middle/output blocks"
+CALL_KEY = "diffusion_sae_call"
+"""``transformer_options`` key of this model call's :class:`ModelCall`."""
+
+SUPPORTED = ("transformers: " + ", ".join(spec.title for spec in FAMILIES.values())
+             + "; U-Nets: " + ", ".join(SHAPES))
+"""The families some adapter handles, for error messages."""
 
 
-def unsupported(model: Any, detail: str = "") -> DictionaryError:
+def unsupported(model: Any, detail: str = "") -> SiteError:
     name = type(model).__name__
-    return DictionaryError(f"site not supported for this model ({name}{detail}); supported: {SUPPORTED}")
+    return SiteError(f"site not supported for this model ({name}{detail}); supported: {SUPPORTED}")
 
 
 def diffusion_model(model_patcher: Any) -> torch.nn.Module:
-    """The ``diffusion_model`` of a ComfyUI MODEL (a ModelPatcher); DictionaryError for anything else."""
+    """The ``diffusion_model`` of a ComfyUI MODEL (a ModelPatcher); SiteError for anything else."""
     base = getattr(model_patcher, "model", None)
     net = getattr(base, "diffusion_model", None)
     if net is None or not callable(getattr(model_patcher, "clone", None)):
-        raise DictionaryError(f"expected a ComfyUI MODEL (a ModelPatcher), got {type(model_patcher).__name__}; "
-                              f"supported: {SUPPORTED}")
+        raise SiteError(f"expected a ComfyUI MODEL (a ModelPatcher), got {type(model_patcher).__name__}; "
+                        f"supported: {SUPPORTED}")
     return net
 
 
-def first_float(value: Any) -> Optional[float]:
-    if value is None:
-        return None
+def patch_size(size: Any) -> tuple[int, int, int]:
+    """A network's patch size (an int, or per axis) as ``(frames, rows, cols)``."""
+    size = tuple(int(p) for p in size) if isinstance(size, (tuple, list)) else (int(size),) * 2
+    return (1, *size) if len(size) == 2 else size
+
+
+def number(attribute: str) -> Callable[[torch.nn.Module], int]:
+    """Reads an int attribute of a network (its width)."""
+    return lambda net: int(getattr(net, attribute))
+
+
+def _own_patch(net: torch.nn.Module) -> tuple[int, int, int]:
+    return patch_size(net.patch_size)
+
+
+@dataclass(frozen=True)
+class Network:
+    """How one family's ComfyUI network is recognised and measured."""
+
+    family: str
+    module: str
+    cls: str
+    """The network class (``module.cls``); subclasses are other models and do not match."""
+    width: Callable[[torch.nn.Module], int]
+    patch: Callable[[torch.nn.Module], tuple[int, int, int]] = _own_patch
+    base: Optional[str] = None
+    """The MODEL must be an instance of this ``comfy.model_base`` class (families sharing a network)."""
+    not_base: tuple[str, ...] = ()
+
+    def matches(self, model_patcher: Any) -> bool:
+        try:
+            network = getattr(importlib.import_module(self.module), self.cls)
+            import comfy.model_base as bases
+        except (ImportError, AttributeError):  # an older ComfyUI without this family
+            return False
+        model = getattr(model_patcher, "model", None)
+        if type(getattr(model, "diffusion_model", None)) is not network:
+            return False
+        if self.base is not None and not isinstance(model, getattr(bases, self.base, ())):
+            return False
+        return not any(isinstance(model, getattr(bases, name, ())) for name in self.not_base)
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """What one call of the diffusion model was given (``BaseModel.apply_model``'s arguments)."""
+
+    shape: tuple[int, ...]
+    """The latent: (batch, channels, rows, cols) or (batch, channels, frames, rows, cols)."""
+    context_tokens: Optional[int]
+    """Tokens of the prompt's conditioning (``c_crossattn``), before the network adds any of its own."""
+    timestep: Optional[float]
+    """The network's timestep input (``model_sampling.timestep(sigma)``), first row."""
+    inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Shapes of the other tensor inputs by name (ComfyUI's extra conds, e.g. HiDream-E1's ``image_cond``)."""
+
+    def grid(self, patch: Sequence[int]) -> Optional[tuple[int, int, int]]:
+        """``(frames, rows, cols)`` of the latent's tokens for a ``(frames, rows, cols)`` patch size: every
+        network here pads each axis up to a multiple of its patch (``pad_to_patch_size``) and cuts it
+        into patches; None for a latent that is neither an image nor a video."""
+        if len(self.shape) not in (4, 5):
+            return None
+        sizes = self.shape[2:] if len(self.shape) == 5 else (1, *self.shape[2:])
+        frames, rows, cols = (math.ceil(int(size) / int(p)) for size, p in zip(sizes, patch))
+        return frames, rows, cols
+
+
+def model_call(args: Sequence[Any], kwargs: Mapping[str, Any], model: Any) -> ModelCall:
+    """The :class:`ModelCall` of ``BaseModel.apply_model(x, t, c_concat, c_crossattn, control,
+    transformer_options, **extra_conds)`` (``model``: the BaseModel, for its timestep scale)."""
+    x = args[0] if args else kwargs.get("x")
+    sigma = args[1] if len(args) > 1 else kwargs.get("t")
+    context = args[3] if len(args) > 3 else kwargs.get("c_crossattn")
+    sampling = getattr(model, "model_sampling", None)
+    timestep = None
+    if isinstance(sigma, Tensor) and sampling is not None:
+        timestep = first_float(sampling.timestep(sigma))
+    inputs = {name: tuple(value.shape) for name, value in kwargs.items() if isinstance(value, Tensor)}
+    prompt = int(context.shape[1]) if isinstance(context, Tensor) and context.ndim == 3 else None
+    return ModelCall(shape=tuple(x.shape) if isinstance(x, Tensor) else (), context_tokens=prompt, timestep=timestep,
+                     inputs=inputs)
+
+
+def call_options(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[dict]:
+    """The ``transformer_options`` dict of an ``apply_model`` call (None when absent)."""
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+    return options if isinstance(options, dict) else None
+
+
+def note_model_call(executor, *args, **kwargs):
+    """``WrappersMP.APPLY_MODEL`` wrapper: put this call's :class:`ModelCall` where its blocks find it."""
+    options = call_options(args, kwargs)
+    if options is not None:
+        options[CALL_KEY] = model_call(args, kwargs, executor.class_obj)
+    return executor(*args, **kwargs)
+
+
+def add_wrapper(clone: Any, wrapper) -> bool:
+    """Register ``wrapper`` as an APPLY_MODEL wrapper of ``clone`` once; False where ComfyUI has no wrappers."""
     try:
-        flat = torch.as_tensor(value).reshape(-1)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return float(flat[0]) if flat.numel() else None
+        from comfy.patcher_extension import WrappersMP
+    except ImportError:
+        return False
+    if not hasattr(clone, "add_wrapper_with_key"):
+        return False
+    if wrapper not in clone.get_wrappers(WrappersMP.APPLY_MODEL, PATCH_KEY):
+        clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, PATCH_KEY, wrapper)
+    return True
 
 
-def cond_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> Optional[Tensor]:
-    """``(batch,)`` bool on the CPU, True for rows of cond chunks; None when the chunks do not tile the batch."""
-    if not cond_or_uncond or batch % len(cond_or_uncond):
-        return None
-    per_chunk = batch // len(cond_or_uncond)
-    chunks = torch.tensor([int(c) == 0 for c in cond_or_uncond], dtype=torch.bool)
-    return chunks.repeat_interleave(per_chunk)
+def noted_call(transformer_options: Optional[Mapping[str, Any]]) -> Optional[ModelCall]:
+    call = (transformer_options or {}).get(CALL_KEY)
+    return call if isinstance(call, ModelCall) else None
 
 
-class CallInfo:
-    """Sigma, progress and cond rows of one model call, read once from its ``transformer_options``."""
-
-    __slots__ = ("sigma", "progress", "cond")
-
-    def __init__(self, transformer_options: Optional[Mapping[str, Any]], batch: int):
-        options = transformer_options or {}
-        self.sigma = first_float(options.get("sigmas"))
-        self.progress = schedule_progress(self.sigma, options.get("sample_sigmas"))
-        self.cond = cond_rows(options.get("cond_or_uncond"), batch)
-
-    def context(self, grid: Optional[tuple[int, int]]) -> SiteContext:
-        return SiteContext(sigma=self.sigma, progress=self.progress, cond=self.cond, grid=grid)
+def comfy_context(transformer_options: Optional[Mapping[str, Any]], batch: int) -> SiteContext:
+    """The context of one model call from its ``transformer_options`` (grid still None: see ``SiteContext.at``)."""
+    options = transformer_options or {}
+    call = noted_call(options)
+    return call_context(batch, sigma=options.get("sigmas"), schedule=options.get("sample_sigmas"),
+                        chunks=options.get("cond_or_uncond"), timestep=call.timestep if call else None)
 
 
 def run_site(site: Site, fn: SiteFunction, h: Tensor, ctx: SiteContext) -> Tensor:
@@ -85,8 +190,8 @@ def run_site(site: Site, fn: SiteFunction, h: Tensor, ctx: SiteContext) -> Tenso
     new = fn(h, ctx)
     if not isinstance(new, Tensor) or tuple(new.shape) != tuple(h.shape):
         got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-        raise DictionaryError(f"the site function at {site} returned {got}, expected {tuple(h.shape)} "
-                              "(a site function must return tokens of the shape it was given)")
+        raise SiteError(f"the site function at {site} returned {got}, expected {tuple(h.shape)} "
+                        "(a site function must return tokens of the shape it was given)")
     if new.dtype != h.dtype or new.device != h.device:
         new = new.to(device=h.device, dtype=h.dtype)
     return new
@@ -98,13 +203,15 @@ def edit_tokens(site: Site, fn: SiteFunction, x: Tensor, start: int, stop: int, 
 
     With ``before`` (the block's input, same layout) the function sees the update ``x - before`` on
     those tokens, and what it adds to the update is added to ``x``. An unchanged result leaves the
-    values bit-identical.
+    values bit-identical (and returns ``x`` itself).
     """
     part = x[:, start:stop]
     if before is not None:
         update = part - before[:, start:stop]
         new = run_site(site, fn, update, ctx)
-        edited = part + (new - update)  # exactly ``part`` when ``new`` equals ``update``
+        if new is update:
+            return x
+        edited = part + (new - update)
     else:
         view = part if part.is_contiguous() else part.contiguous()
         new = run_site(site, fn, view, ctx)
@@ -117,55 +224,74 @@ def edit_tokens(site: Site, fn: SiteFunction, x: Tensor, start: int, stop: int, 
 
 
 class ComfyAdapter:
-    """One model family's sites in ComfyUI, behind one interface.
+    """One runtime's view of a group of model families in ComfyUI.
 
-    ``available_sites(model_patcher)`` lists the sites (``extra["d"]`` is their width);
-    ``patch(model_patcher, {site: fn})`` returns a CLONE of the patcher with the functions installed,
-    leaving the given patcher untouched. Patching a clone that already carries this plugin's patches
-    (or another node's replacement) on the same block wraps them: both run, the earlier one first.
+    An adapter says only which MODELs it handles, their :class:`Catalogue` (built in ``sae_core.sites``
+    from the model's numbers) and how to patch a site. ``patch(model_patcher, {site: fn})`` returns a
+    CLONE of the patcher with the functions installed, leaving the given patcher untouched. Patching a
+    clone that already carries this plugin's patches (or another node's replacement) on the same block
+    wraps them: both run, the earlier one first.
     """
 
     name = "comfy"
 
-    def family(self, model_patcher: Any) -> str:
+    def handles(self, model_patcher: Any) -> bool:
         raise NotImplementedError
 
-    def available_sites(self, model_patcher: Any) -> list[Site]:
+    def catalogue(self, model_patcher: Any) -> Catalogue:
         raise NotImplementedError
 
     def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
         raise NotImplementedError
 
-    def resolve(self, model_patcher: Any, site: Site) -> Site:
-        """The model's own site with ``site``'s block and stream (family checked, window ignored)."""
-        family = self.family(model_patcher)
-        if site.family not in (family, "unknown"):
-            raise DictionaryError(f"site {site} is for a {site.family} model, but this MODEL is {family}; "
-                                  "use a dictionary trained on this model family")
-        sites = self.available_sites(model_patcher)
-        own = find_site(sites, site)
-        if own is None:
-            raise DictionaryError(f"unknown site {site.name} for this {family} model; available sites: "
-                                  + ", ".join(s.name for s in sites))
-        return own
+    def family(self, model_patcher: Any) -> str:
+        return self.catalogue(model_patcher).family
 
-    def site_width(self, model_patcher: Any, site: Site) -> int:
+    def available_sites(self, model_patcher: Any) -> list[Site]:
+        return self.catalogue(model_patcher).sites
+
+    def resolve(self, model_patcher: Any, site: Site | str) -> Site:
+        """The model's own site for ``site`` (a Site or a name in either runtime's naming)."""
+        return self.catalogue(model_patcher).resolve(site)
+
+    def site_width(self, model_patcher: Any, site: Site | str) -> int:
         """Width ``d`` of the tokens at ``site``."""
         return int(self.resolve(model_patcher, site).extra["d"])
 
     def plan(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> dict[str, list]:
         """``{block: [(site, fn), ...]}`` in the mapping's order; every site checked before anything is patched."""
         if not site_functions:
-            raise DictionaryError("no site functions given: pass {site: fn} for at least one site")
+            raise SiteError("no site functions given: pass {site: fn} for at least one site")
+        catalogue = self.catalogue(model_patcher)
         grouped: dict[str, list] = {}
         for site, fn in site_functions.items():
             if not callable(fn):
-                raise DictionaryError(f"the function for site {site} is not callable ({type(fn).__name__})")
-            own = self.resolve(model_patcher, site)
+                raise SiteError(f"the function for site {site} is not callable ({type(fn).__name__})")
+            own = catalogue.resolve(site)
             grouped.setdefault(own.block, []).append((own, fn))
         return grouped
 
 
-def sites(family: str, names: Sequence[tuple[str, str, int]]) -> list[Site]:
-    """Sites from ``(block, stream, d)`` triples."""
-    return [Site(family=family, block=block, stream=stream, extra={"d": int(d)}) for block, stream, d in names]
+class NetworkAdapter(ComfyAdapter):
+    """An adapter for transformer families recognised by their network (:class:`Network`)."""
+
+    networks: tuple[Network, ...] = ()
+
+    def network(self, model_patcher: Any) -> Optional[Network]:
+        return next((spec for spec in self.networks if spec.matches(model_patcher)), None)
+
+    def handles(self, model_patcher: Any) -> bool:
+        return self.network(model_patcher) is not None
+
+    def spec(self, model_patcher: Any) -> Network:
+        spec = self.network(model_patcher)
+        if spec is None:
+            raise unsupported(diffusion_model(model_patcher), f" is not a network of the {self.name} adapter")
+        return spec
+
+    def catalogue(self, model_patcher: Any) -> Catalogue:
+        """The family's sites, with the block counts and width read from the network."""
+        spec = self.spec(model_patcher)
+        net = diffusion_model(model_patcher)
+        counts = {kind.prefix: len(getattr(net, kind.prefix)) for kind in family(spec.family).kinds}
+        return transformer_catalogue(spec.family, counts, spec.width(net))
