@@ -6,10 +6,11 @@ from typing import Optional
 import torch
 from comfy_api.latest import io, ui
 
-from ..sae_core import InputError, Recorder, SiteContext, check_site_width
+from ..sae_core import InputError, Recorder, SiteContext
+from .adapters import patch_site
 from ..sae_core.inspection import feature_map, overlay_heatmap, top_features
 from ..sae_core.plots import bar_chart
-from .common import CATEGORY, DICTIONARY, RECORDING, pil_to_image, resolve_site, site_input, window, window_inputs
+from .common import CATEGORY, DICTIONARY, RECORDING, pil_to_image, site_input, window, window_inputs
 
 
 class Recording:
@@ -76,10 +77,9 @@ class SAERecordFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dictionary, site: str, window_start: float, window_end: float) -> io.NodeOutput:
-        adapter, where, width = resolve_site(model, site)
-        check_site_width(dictionary, width, where.name)
         recording = Recording(dictionary, window(window_start, window_end))
-        return io.NodeOutput(adapter.patch(model, {where: recording.record}), recording)
+        patched, _ = patch_site(model, site, recording.record, width=dictionary.d_in)
+        return io.NodeOutput(patched, recording)
 
 
 class SAEFeatureHeatmap(io.ComfyNode):

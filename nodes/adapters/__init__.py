@@ -24,7 +24,9 @@ Anything else raises a SiteError naming the supported families.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
+
+from ...sae_core.sites import Site, SiteFunction
 
 from .common import SUPPORTED, ComfyAdapter, diffusion_model, unsupported
 from .comfy_dit import DitAdapter
@@ -43,5 +45,15 @@ def adapter_for(model_patcher: Any) -> ComfyAdapter:
     raise unsupported(net, f" in a {type(model_patcher.model).__name__} model")
 
 
+def patch_site(model_patcher: Any, site: Union[Site, str], fn: SiteFunction,
+               width: Optional[int] = None) -> tuple[Any, Site]:
+    """``(clone, resolved site)``: a clone of the MODEL running ``fn`` at ``site`` (a name in either runtime's
+    naming), the site resolved once and, with ``width`` (a dictionary's ``d_in``), its width checked first."""
+    adapter = adapter_for(model_patcher)
+    plan = adapter.plan(model_patcher, {site: fn}, {site: width} if width is not None else None)
+    (resolved, _), = next(iter(plan.values()))
+    return adapter.install(model_patcher, plan), resolved
+
+
 __all__ = ["ADAPTERS", "REVELIO_BLOCKS", "SUPPORTED", "ComfyAdapter", "DitAdapter", "HookAdapter", "UNetAdapter",
-           "adapter_for", "revelio_site"]
+           "adapter_for", "patch_site", "revelio_site"]

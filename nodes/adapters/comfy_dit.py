@@ -219,10 +219,9 @@ class DitAdapter(NetworkAdapter):
     name = "dit"
     networks = NETWORKS
 
-    def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
-        """A clone of ``model_patcher`` running ``site_functions`` at their sites (the input is untouched)."""
+    def install(self, model_patcher: Any, plan: Mapping[str, list]) -> Any:
+        """A clone of ``model_patcher`` running the plan's site functions (the input is untouched)."""
         spec = self.spec(model_patcher)
-        plan = self.plan(model_patcher, site_functions)
         net = diffusion_model(model_patcher)
         kinds = {kind.prefix: kind for kind in family(spec.family).kinds}
         layout = Layout(spec.patch(net), family(spec.family).text_first, spec.refs_first, spec.registers(net))

@@ -198,10 +198,10 @@ class HookAdapter(NetworkAdapter):
     name = "hooks"
     networks = NETWORKS
 
-    def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
-        """A clone of ``model_patcher`` that hooks ``site_functions`` in while it runs (the input is untouched)."""
+    def install(self, model_patcher: Any, plan: Mapping[str, list]) -> Any:
+        """A clone of ``model_patcher`` that hooks the plan's site functions in while it runs (the input is
+        untouched)."""
         spec = self.spec(model_patcher)
-        plan = self.plan(model_patcher, site_functions)
         clone = model_patcher.clone()
         if not add_wrapper(clone, _hooking_wrapper(spec, plan)):
             raise SiteError(f"this ComfyUI has no model wrappers (WrappersMP.APPLY_MODEL), which {spec.family} "

@@ -275,9 +275,8 @@ class UNetAdapter(ComfyAdapter):
                             "refiner U-Net, so it has no sites here (SVD, Zero123 and upscalers are not supported)")
         return unet_catalogue(family, unet_shape(net))
 
-    def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
-        """A clone of ``model_patcher`` running ``site_functions`` at their sites (the input is untouched)."""
-        plan = self.plan(model_patcher, site_functions)
+    def install(self, model_patcher: Any, plan: Mapping[str, list]) -> Any:
+        """A clone of ``model_patcher`` running the plan's site functions (the input is untouched)."""
         catalogue = self.catalogue(model_patcher)
         edits: dict[str, tuple[list, dict[str, list]]] = {}
         for block, entries in plan.items():

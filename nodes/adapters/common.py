@@ -26,12 +26,12 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ...sae_core.errors import SiteError
+from ...sae_core.errors import DictionaryError, SiteError
 from ...sae_core.sites import (FAMILIES, Catalogue, Site, SiteContext, SiteFunction, call_context, family, first_float,
                                transformer_catalogue)
 from ...sae_core.sites.unet import SHAPES
@@ -227,10 +227,11 @@ class ComfyAdapter:
     """One runtime's view of a group of model families in ComfyUI.
 
     An adapter says only which MODELs it handles, their :class:`Catalogue` (built in ``sae_core.sites``
-    from the model's numbers) and how to patch a site. ``patch(model_patcher, {site: fn})`` returns a
-    CLONE of the patcher with the functions installed, leaving the given patcher untouched. Patching a
-    clone that already carries this plugin's patches (or another node's replacement) on the same block
-    wraps them: both run, the earlier one first.
+    from the model's numbers) and how to install site functions (:meth:`install`). ``patch(model_patcher,
+    {site: fn})`` resolves every site once (names in either runtime's naming; widths checked when
+    given), then returns a CLONE of the patcher with the functions installed, leaving the given patcher
+    untouched. Patching a clone that already carries this plugin's patches (or another node's
+    replacement) on the same block wraps them: both run, the earlier one first.
     """
 
     name = "comfy"
@@ -241,8 +242,15 @@ class ComfyAdapter:
     def catalogue(self, model_patcher: Any) -> Catalogue:
         raise NotImplementedError
 
-    def patch(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> Any:
+    def install(self, model_patcher: Any, plan: Mapping[str, list]) -> Any:
+        """A clone of ``model_patcher`` running ``plan`` (``{block: [(site, fn), ...]}``, sites resolved)."""
         raise NotImplementedError
+
+    def patch(self, model_patcher: Any, site_functions: Mapping[Union[Site, str], SiteFunction],
+              widths: Optional[Mapping[Union[Site, str], int]] = None) -> Any:
+        """A clone of ``model_patcher`` running ``site_functions`` at their sites; ``widths``: the width each
+        function needs (a dictionary's ``d_in``), refused before anything is patched if the site differs."""
+        return self.install(model_patcher, self.plan(model_patcher, site_functions, widths))
 
     def family(self, model_patcher: Any) -> str:
         return self.catalogue(model_patcher).family
@@ -258,8 +266,10 @@ class ComfyAdapter:
         """Width ``d`` of the tokens at ``site``."""
         return int(self.resolve(model_patcher, site).extra["d"])
 
-    def plan(self, model_patcher: Any, site_functions: Mapping[Site, SiteFunction]) -> dict[str, list]:
-        """``{block: [(site, fn), ...]}`` in the mapping's order; every site checked before anything is patched."""
+    def plan(self, model_patcher: Any, site_functions: Mapping[Union[Site, str], SiteFunction],
+             widths: Optional[Mapping[Union[Site, str], int]] = None) -> dict[str, list]:
+        """``{block: [(site, fn), ...]}`` in the mapping's order; every site resolved and checked before anything
+        is patched."""
         if not site_functions:
             raise SiteError("no site functions given: pass {site: fn} for at least one site")
         catalogue = self.catalogue(model_patcher)
@@ -268,6 +278,11 @@ class ComfyAdapter:
             if not callable(fn):
                 raise SiteError(f"the function for site {site} is not callable ({type(fn).__name__})")
             own = catalogue.resolve(site)
+            needed = (widths or {}).get(site)
+            if needed is not None and int(needed) != own.extra["d"]:
+                raise DictionaryError(f"the dictionary has d_in={int(needed)} but site {own.name} has width "
+                                      f"{own.extra['d']}; load a dictionary trained on this site, or pick the site "
+                                      "it was trained on")
             grouped.setdefault(own.block, []).append((own, fn))
         return grouped
 
