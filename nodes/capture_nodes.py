@@ -33,13 +33,16 @@ class Capture:
         self.recorder = Recorder(window=window, token_fraction=fraction, cond_only=cond_only, seed=seed,
                                  stream=self._store)
         self.buffer = ActivationBuffer(max_vectors) if directory is None else None
+        self.settings = {"capture": {"source": "comfyui", "window": list(window) if window else None,
+                                     "token_fraction": float(fraction), "cond_only": bool(cond_only), "seed": int(seed)}}
+        """The manifest's provenance, in the headless capture's layout (``capture`` settings)."""
         self._writer: Optional[ShardWriter] = None
         self._next_sample = 0
 
     def begin(self, batch: int) -> None:
         """A sampling run of ``batch`` samples starts."""
         if self.buffer is None:
-            self._writer = ShardWriter(self.directory, self.site, dtype=self.dtype)
+            self._writer = ShardWriter(self.directory, self.site, dtype=self.dtype, extra=self.settings)
             self._next_sample = self._writer.next_sample_id
         self.recorder.begin(range(self._next_sample, self._next_sample + batch))
         self._next_sample += batch

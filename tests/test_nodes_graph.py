@@ -251,6 +251,8 @@ def test_capture_graph_writes_shards_with_the_expected_count(comfy, captured):
     assert reader.n_tokens == STEPS * 1 * (tokens // 2)  # steps x cond rows x half the tokens
     assert reader.d == 64
     assert reader.site.block == "double_blocks.0" and reader.site.stream == "image"
+    assert reader.extra["capture"] == {"source": "comfyui", "window": None, "token_fraction": 0.5, "cond_only": True,
+                                       "seed": 0}  # provenance in the headless capture's layout
 
 
 def test_train_node_saves_a_dictionary_in_models_sae_and_previews_its_loss(comfy, captured):
