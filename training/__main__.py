@@ -311,6 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .substitution import substitution_scores
 
         runner = _runner(args)
+        runner.require_images("eval's substituted generation")
         site = _site_for(runner, dictionary, args.site)
         prompts = read_prompts(args.prompts)[: args.samples]
         scores, images = substitution_scores(runner, dictionary, site, prompts, [args.seed + i for i in range(len(prompts))],
@@ -335,6 +336,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     from .prompts import read_prompts
 
     runner, dictionary, site = _model_and_dictionary(args)
+    runner.require_images("atlas")
     prompts = read_prompts(args.prompts)
     index = build_atlas(runner, dictionary, site, prompts, Path(args.out), images_per_prompt=args.images_per_prompt,
                         seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features)
@@ -349,6 +351,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from .steer_grid import steering_grid
 
     runner, dictionary, site = _model_and_dictionary(args)
+    runner.require_images("steer")
     for f in args.features:
         if not 0 <= f < dictionary.n_latents:
             raise DictionaryError(f"feature {f} does not exist: the dictionary has {dictionary.n_latents} features")
