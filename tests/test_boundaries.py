@@ -158,3 +158,12 @@ def test_importing_organism_and_encoding_a_prompt_imports_no_diffusers_comfyui_s
     """, tmp_path / "out.json")
     assert {"organism.comfy", "organism.text", "organism.models"} <= set(modules["imported"])
     assert modules_named(modules["modules"], {"diffusers", "comfy", "sae_core", "training"}) == []
+
+
+def test_every_package_of_ours_is_listed_for_installation():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    ours = {".".join(init.parent.relative_to(REPO).parts)
+            for top in ("sae_core", "organism", "training", "nodes") for init in (REPO / top).rglob("__init__.py")}
+    assert ours == listed
