@@ -7,7 +7,9 @@ reconstructs badly. Both share what a long job needs:
 * data: a tensor ``(N, d)`` (shuffled per epoch with the seed), a callable
   returning a fresh iterable, or a re-iterable (list, shard reader); batches
   are tensors ``(..., d)`` or mappings with ``"activations"`` (+ provenance);
-* batches with NaN or inf are rejected, counted and logged, never trained on;
+* batches with NaN or inf are rejected, counted and logged, never trained on; once at least
+  ``REJECT_LIMIT`` batches are rejected and they are more than three quarters of all batches drawn,
+  the run ends with a TrainingError (the data has no usable batches: looping on would never end);
 * checkpoints every N steps, written atomically; rerunning with the same
   ``checkpoint_dir`` resumes and gives the same result as an uninterrupted run;
 * progress through a callback (tqdm in the CLI, ComfyUI's ProgressBar in nodes);
@@ -288,6 +290,11 @@ def train_dictionary(
             if bad:
                 log.warning("rejected batch %d: it contains NaN or inf (%d rejected so far)%s", stream.consumed,
                             state["rejected"], f" on rank {rank}; every rank skips this step" if world > 1 else "")
+            if _too_many_rejected(state["rejected"], state["step"]):
+                raise TrainingError(
+                    f"{state['rejected']} of the {state['rejected'] + state['step']} batches drawn contained NaN or inf "
+                    "and were rejected: the data has no usable batches (NaN rows are spread by shuffling into every "
+                    "batch); remove the damaged shards or capture again")
             continue
         x = x.to(device=device, dtype=torch.float32)
         if isinstance(model, ITDA):
@@ -342,16 +349,30 @@ def _from_rank0(value: float, device: str) -> float:
     return float(t)
 
 
+REJECT_LIMIT = 100
+"""Rejected batches (NaN/inf) before training may give up: then, if they are over three quarters of all batches
+drawn. Data with a damaged batch now and then trains on; data whose every batch holds a NaN row (a damaged shard
+shuffled into all of them) ends with a clear error instead of a loop."""
+
+
+def _too_many_rejected(rejected: int, trained: int) -> bool:
+    return rejected >= REJECT_LIMIT and rejected > 3 * trained
+
+
 def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig) -> Tensor:
     """Activations to fit normalisation and b_dec on: a seeded random subset of a
     tensor, or the first batches of a stream (which are then trained on as usual)."""
     if isinstance(data, Tensor):
         gen = torch.Generator().manual_seed(config.seed)
         idx = torch.randperm(data.shape[0], generator=gen)[: config.init_tokens]
-        return data.reshape(-1, data.shape[-1])[idx].float()
+        sample = data.reshape(-1, data.shape[-1])[idx].float()
+        sample = sample[torch.isfinite(sample).all(-1)]  # as for streams: NaN rows must not set the normalisation
+        if not len(sample):
+            raise TrainingError("no finite activations to train on: the data is empty or all NaN/inf")
+        return sample
     rows: list[Tensor] = []
-    count = 0
-    while count < config.init_tokens:
+    count = empty = 0
+    while count < config.init_tokens and empty < REJECT_LIMIT:
         batch = stream.next()
         if batch is None:
             break
@@ -362,6 +383,7 @@ def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig
         x = x[torch.isfinite(x).all(-1)]
         rows.append(x.float())
         count += x.shape[0]
+        empty = empty + 1 if count == 0 else 0
     if not count:
         raise TrainingError("no finite activations to train on: the data source is empty or all NaN/inf")
     return torch.cat(rows)[: config.init_tokens]

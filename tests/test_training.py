@@ -67,6 +67,29 @@ def test_nan_and_inf_batches_are_rejected_counted_and_logged(data, caplog):
     assert all(torch.isfinite(p).all() for p in result.dictionary.parameters())
 
 
+def test_a_nan_row_in_every_batch_ends_training_with_an_error_instead_of_looping(data):
+    poisoned = data.clone()
+    poisoned[::50, 0] = float("nan")  # a damaged shard's rows, shuffled into every batch of 256
+    with pytest.raises(TrainingError, match=r"100 of the 10\d batches drawn contained NaN or inf"):
+        train_dictionary(poisoned, small_config(total_steps=10_000, checkpoint_every=10_000))
+
+
+def test_all_nan_data_from_a_stream_is_an_error_not_an_endless_init(data):
+    def batches():  # re-iterable: the trainer may pass over it again and again
+        return iter([torch.full((200, 16), float("nan"))] * 3)
+
+    with pytest.raises(TrainingError, match="no finite activations"):
+        train_dictionary(batches, small_config(total_steps=10))
+
+
+def test_a_few_rejected_batches_among_good_ones_do_not_stop_training(data):
+    batches = [data[i:i + 100] for i in range(0, 6000, 100)]
+    for i in range(0, 60, 2):  # every other batch is damaged: half are rejected, and training goes on
+        batches[i] = torch.full_like(batches[i], float("nan"))
+    result = train_dictionary(lambda: iter(batches), small_config(total_steps=200, log_every=50))
+    assert result.history[-1]["step"] == 200 and result.rejected_batches >= 100
+
+
 def test_training_from_a_callable_stream_passes_over_the_data_again(data):
     calls = []
 
