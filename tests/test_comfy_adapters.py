@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tiny_comfy_models as tiny
+from site_probes import Recorder
 
 STEPS = 3
 FLUX_D = tiny.FLUX_CONFIG["hidden_size"]
@@ -64,16 +65,6 @@ def run(patcher, conds, cfg=2.0, steps=STEPS, latent=None, seed=3, positive=None
     return tiny.sample(patcher, seed=seed, steps=steps, cfg=cfg, positive=positive or pos,
                        negative=negative or neg, latent=latent)
 
-
-class Recorder:
-    """A site function that keeps a copy of what it sees and returns its input unchanged."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, h, ctx):
-        self.calls.append((h.detach().clone(), ctx))
-        return h
 
 
 def direction(width, seed=5, scale=2.0):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tiny_comfy_models as tiny
+from site_probes import Recorder
 
 NAMES = list(tiny.TINY_FAMILIES)
 BOTH = ("image", "text", "update")
@@ -94,16 +95,6 @@ def models(comfyui):
 
     return get
 
-
-class Recorder:
-    """A site function that keeps a copy of what it sees and returns its input unchanged."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, h, ctx):
-        self.calls.append((h.detach().clone(), ctx))
-        return h
 
 
 def sites_of(adapters, patcher) -> dict:

@@ -25,6 +25,7 @@ from sae_core.errors import ConfigError, ScheduleError, SiteError  # noqa: E402
 from sae_core.sites import Site  # noqa: E402
 from training.adapters import ModelCall, SamplingState, Span, adapter_for, attach, available_sites, resolve_site  # noqa: E402
 from training.adapters.transformers import token_grid  # noqa: E402
+from site_probes import Recorder  # noqa: E402
 
 B, TEXT, ROWS, COLS = 2, 5, 3, 4
 D_FLUX = 32
@@ -40,17 +41,6 @@ def add(vector):
 
     return steer
 
-
-class Recorder:
-    """Site function that keeps what it saw."""
-
-    def __init__(self):
-        self.h, self.ctx = [], []
-
-    def __call__(self, h, ctx):
-        self.h.append(h.detach().clone())
-        self.ctx.append(ctx)
-        return h
 
 
 class ManualHooks:

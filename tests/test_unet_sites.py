@@ -13,6 +13,7 @@ import torch
 import tiny_comfy_models
 from sae_core.sites import unet_catalogue
 from sae_core.sites.unet import SHAPES
+from site_probes import Recorder
 from tiny_unets import FAMILIES, UNetPair, conditioning, unet_inputs, unet_pair
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -41,17 +42,6 @@ def plugin_core(plugin):
 def diffusers_adapters(comfyui):  # the comfyui fixture made torchvision importable beside CPU torch
     return importlib.import_module("training.adapters")
 
-
-class Recorder:
-    """A site function keeping a copy of what it sees, returning its input unchanged."""
-
-    def __init__(self):
-        self.h, self.ctx = [], []
-
-    def __call__(self, h, ctx):
-        self.h.append(h.detach().clone())
-        self.ctx.append(ctx)
-        return h
 
 
 def adder(vector):
