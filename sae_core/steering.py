@@ -24,7 +24,7 @@ and the operations differ only in the coefficients ``c``:
   token (``c_src = -s a_src``, ``c_dst = +s a_src``).
 
 Why offer more than addition: measured on a small Flux-architecture model
-(``shared/notes/anchors.md``), adding a colour feature everywhere flipped <= 6 %
+trained on a colour attribute, adding a colour feature everywhere flipped <= 6 %
 of samples while moving the opposite colour's activation onto it where it
 fired (clamp + ablate, error kept) flipped 28 %, and a difference-of-means
 direction flipped 75 %. So steers can be confined to tokens where the feature
