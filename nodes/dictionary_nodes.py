@@ -173,7 +173,7 @@ class SAETrainDictionary(io.ComfyNode):
         save_dictionary(sae, os.path.join(sae_save_dir(), f"{name}.safetensors"))
         loss = "relative_loss" if config.dictionary.kind == "itda" else "fvu"  # ITDA reports each input's relative error
         chart = pil_to_image(line_chart({loss: [(m["step"], m[loss]) for m in result.history]},
-                                        f"{name}: training loss"))
+                                        f"{name}: training loss", y_label=loss))
         final = result.history[-1] if result.history else {}
         summary = (f"{describe(sae)}; trained on {len(data) if torch.is_tensor(data) else data.n_tokens} captured vectors, "
                    f"{final.get('step', 0)} steps, final {loss} {final.get(loss, float('nan')):.4f}, "

@@ -137,6 +137,6 @@ class SAETopFeatures(io.ComfyNode):
         top = top_features(recording.require(), n)
         text = "\n".join(f"{t.feature}: mean {t.mean:.4g}, fires on {t.share:.0%} of tokens" for t in top)
         chart = pil_to_image(bar_chart([f"#{t.feature}" for t in top], [t.mean for t in top],
-                                       "top features (mean activation)"))
+                                       "top features", x_label="mean activation over the tokens"))
         return io.NodeOutput(text, chart, ui={**ui.PreviewText(text).as_dict(),
                                               **ui.PreviewImage(chart, cls=cls).as_dict()})

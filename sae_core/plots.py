@@ -1,92 +1,95 @@
-"""Small charts drawn with Pillow alone: training curves, firing histograms, top-feature bars.
+"""Charts: training curves, firing histograms, top-feature bars, drawn with matplotlib.
 
-Nodes show them as preview images and the CLI writes them as PNGs; no
-plotting library is needed, so they work in any ComfyUI install.
+Nodes show them as preview images and the CLI writes them as PNGs, so every function returns a PIL
+image. matplotlib is imported when a chart is drawn (with the non-interactive Agg backend), never at
+import time: the engine stays cheap to import and usable where no chart is asked for.
 """
 from __future__ import annotations
 
-import math
-from typing import Sequence
+import io
+import itertools
+from typing import Any, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-WIDTH, HEIGHT, MARGIN = 640, 360, 56
-
-
-def _frame(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    draw.text((MARGIN, 12), title, fill="black", font=font)
-    draw.rectangle([MARGIN, MARGIN, WIDTH - 16, HEIGHT - MARGIN], outline=(90, 90, 90))
-    return image, draw, font
+SIZE = (6.4, 3.6)  # inches at DPI: 640 x 360 pixels
+DPI = 100
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _to_image(fig: Any) -> Image.Image:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB")
+
+
+def series_styles(n: int) -> list[dict[str, Any]]:
+    """``n`` distinct (colour, line style, marker) triples: colours first, then styles, so no two series match."""
+    colours = [f"C{i}" for i in range(10)]
+    triples = itertools.product(LINE_STYLES, colours)
+    return [{"color": colour, "linestyle": style, "marker": MARKERS[i % len(MARKERS)]}
+            for i, (style, colour) in zip(range(n), triples)]
 
 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_label: str = "step",
-               log_y: bool = False) -> Image.Image:
-    """Curves ``{name: [(x, y), ...]}`` on shared axes (``log_y`` for losses spanning decades)."""
-    image, draw, font = _frame(title)
-    points = [(x, y) for pts in series.values() for x, y in pts if not log_y or y > 0]
-    if not points:
-        draw.text((WIDTH // 2 - 30, HEIGHT // 2), "no data", fill="gray", font=font)
-        return image
-    ty = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    xs, ys = [p[0] for p in points], [ty(p[1]) for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    left, top, right, bottom = MARGIN, MARGIN, WIDTH - 16, HEIGHT - MARGIN
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (ty(y) - y0) / (y1 - y0) * (bottom - top))
-
-    for i, (name, pts) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        pixels = [to_px(x, y) for x, y in pts if not log_y or y > 0]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=color, width=2)
-        elif pixels:
-            draw.ellipse([pixels[0][0] - 2, pixels[0][1] - 2, pixels[0][0] + 2, pixels[0][1] + 2], fill=color)
-        draw.text((right - 150, top + 6 + 14 * i), name, fill=color, font=font)
-    unty = (lambda v: 10 ** v) if log_y else (lambda v: v)
-    draw.text((4, top), _fmt(unty(y1)), fill="black", font=font)
-    draw.text((4, bottom - 10), _fmt(unty(y0)), fill="black", font=font)
-    draw.text((left, bottom + 6), _fmt(x0), fill="black", font=font)
-    draw.text((right - 40, bottom + 6), _fmt(x1), fill="black", font=font)
-    draw.text(((left + right) // 2 - 10, bottom + 22), x_label, fill="black", font=font)
-    return image
+               y_label: str = "value", log_y: bool = False) -> Image.Image:
+    """Curves ``{name: [(x, y), ...]}`` on shared axes, each in its own style, the legend beside the axes
+    (``log_y`` for losses spanning decades)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZE)
+    drawn = False
+    for (name, points), style in zip(series.items(), series_styles(len(series))):
+        kept = [(x, y) for x, y in points if not log_y or y > 0]
+        if kept:
+            xs, ys = zip(*kept)
+            ax.plot(xs, ys, label=name, markersize=4, markevery=max(1, len(xs) // 12), **style)
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    if log_y and drawn:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    ax.grid(alpha=0.3)
+    if drawn and len(series) > 1:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    return _to_image(fig)
 
 
-def histogram_chart(edges: Sequence[float], counts: Sequence[int], title: str, x_label: str) -> Image.Image:
+def histogram_chart(edges: Sequence[float], counts: Sequence[int], title: str, x_label: str,
+                    y_label: str = "features") -> Image.Image:
     """Bars for a histogram given its bin edges and counts."""
-    image, draw, font = _frame(title)
-    left, top, right, bottom = MARGIN, MARGIN, WIDTH - 16, HEIGHT - MARGIN
-    peak = max(max(counts), 1)
-    width = (right - left) / max(len(counts), 1)
-    for i, c in enumerate(counts):
-        x = left + i * width
-        draw.rectangle([x + 1, bottom - c / peak * (bottom - top), x + width - 1, bottom], fill=PALETTE[0])
-    draw.text((4, top), str(peak), fill="black", font=font)
-    draw.text((left, bottom + 6), _fmt(edges[0]), fill="black", font=font)
-    draw.text((right - 30, bottom + 6), _fmt(edges[-1]), fill="black", font=font)
-    draw.text(((left + right) // 2 - 40, bottom + 22), x_label, fill="black", font=font)
-    return image
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZE)
+    edges = list(edges)
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], list(counts), width=widths, align="edge", color="C0", edgecolor="white")
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    ax.grid(axis="y", alpha=0.3)
+    return _to_image(fig)
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], title: str) -> Image.Image:
-    """Horizontal labelled bars, the longest as wide as the chart allows, each with its value."""
-    width, bar = 480, 22
-    image = Image.new("RGB", (width, 40 + bar * len(labels)), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, fill="black")
-    top = max(values, default=0) or 1.0
-    for i, (label, value) in enumerate(zip(labels, values)):
-        y = 32 + i * bar
-        draw.text((8, y + 4), label, fill="black")
-        draw.rectangle([90, y + 2, 90 + int((width - 170) * value / top), y + bar - 4], fill="#d62728")
-        draw.text((width - 74, y + 4), f"{value:.3g}", fill="black")
-    return image
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, x_label: str = "value") -> Image.Image:
+    """Horizontal labelled bars, first label on top, each with its value."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(SIZE[0], max(1.6, 0.35 * len(labels) + 0.9)))
+    positions = list(range(len(labels)))[::-1]
+    bars = ax.barh(positions, list(values), color="C0")
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize="small")
+    ax.set_yticks(positions, list(labels))
+    ax.set(title=title, xlabel=x_label)
+    ax.margins(x=0.15)
+    return _to_image(fig)

@@ -89,7 +89,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         edges, counts = firing_histogram(result.dictionary.firing_frequency)
         histogram_chart(edges, counts, f"{kind}: latent firing frequency", "log10 frequency").save(out / f"{kind}_firing.png")
     curves = {kind: [(h["step"], h["fvu"]) for h in result.history] for kind, result in trained.items() if kind != "itda"}
-    line_chart(curves, "training FVU (synthetic superposition)", log_y=True).save(out / "training_curves.png")
+    line_chart(curves, "training FVU (synthetic superposition)", y_label="FVU", log_y=True).save(out / "training_curves.png")
     (out / "metrics.json").write_text(json.dumps(rows, indent=2))
 
     say(f"synthetic superposition: d={args.d}, {args.features} true features, mean L0 {args.l0}, {args.samples} samples")
@@ -275,7 +275,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     key = "relative_loss" if args.kind == "itda" else "fvu"
     curve = [(h["step"], h[key]) for h in result.history if key in h]
     if curve:
-        line_chart({args.kind: curve}, f"{args.kind} at {site.name}: training {key}", log_y=True).save(out.with_suffix(".curve.png"))
+        line_chart({args.kind: curve}, f"{args.kind} at {site.name}: training {key}", y_label=key,
+                   log_y=True).save(out.with_suffix(".curve.png"))
     last = result.history[-1] if result.history else {}
     say(f"dictionary written to {out} ({result.dictionary.n_latents} latents); last {key} "
         f"{last.get(key, float('nan')):.4f}; {result.rejected_batches} batches rejected")

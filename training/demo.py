@@ -162,7 +162,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                                      sizes["strengths"], [None, (0.0, 0.3), (0.3, 1.0)])
                 grid.save(out / f"steer_{target_name}.png")
                 _say(f"[steer] grid for '{target_name}' -> {out / f'steer_{target_name}.png'}")
-    line_chart(curves, "class flip rate vs steering strength (x mean token norm)").save(out / "flip_rates.png")
+    line_chart(curves, "class flip rate vs steering strength", x_label="strength (x mean token norm)",
+               y_label="flip rate to the target").save(out / "flip_rates.png")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _say(f"[done] in {summary['seconds']} s; figures in {out}/ (summary.json, flip_rates.png, atlas/index.html)")
