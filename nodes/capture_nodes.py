@@ -11,9 +11,9 @@ from comfy_api.latest import io
 
 from ..sae_core import (ActivationBuffer, InputError, Record, Recorder, ShardError, ShardReader, ShardWriter, Site,
                         SiteContext, write_records)
+from ..sae_core.shards import DTYPES
 from .common import CAPTURE, CATEGORY, check_choices, output_folder, resolve_site, site_input, window, window_inputs
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DESTINATIONS = ("shards", "memory")
 
 

@@ -17,7 +17,7 @@ sigmas ``[sigma, 0]``, cfg 1 and a one-call sampler function (:func:`_one_model_
   -> ``apply_model``); with cfg 1 ComfyUI skips the negative, so only the positive rows run.
 
 Models are loaded and unloaded, and wrappers/patches applied, exactly as for a KSampler run. The MODEL
-given to the node is never changed: the site function lives on a clone (``adapter.patch``).
+given to the node is never changed: the site function lives on a clone (``patch_site``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..sae_core import ConfigError, InputError, Recorder, ShardWriter, SiteError, write_records
-from .common import CATEGORY, check_choices, output_folder, resolve_site, site_input
+from .adapters import patch_site
+from .common import CATEGORY, check_choices, output_folder, site_input
 
 
 def _one_model_call(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -98,14 +99,14 @@ class SAECaptureFromImages(io.ComfyNode):
         if not sigma > 0:
             raise ConfigError(f"sigma {sigma}: the noise level must be > 0")
         recorder = Recorder(pool=pool)
-        adapter, where, width = resolve_site(model, site)
+        patched, where = patch_site(model, site, recorder)
+        width = int(where.extra["d"])
         directory = output_folder(folder)
         if positive is None:
             positive = _zero_conditioning(model)
 
         latents = vae.encode(images[:, :, :, :3]).detach().float().cpu()
         noise = comfy.sample.prepare_noise(latents, int(seed))  # one seeded generator for the whole batch
-        patched = adapter.patch(model, {where: recorder})
         sampler = comfy.samplers.KSAMPLER(_one_model_call)
         sigmas = torch.tensor([float(sigma), 0.0])
         bar = comfy.utils.ProgressBar(latents.shape[0])

@@ -30,6 +30,7 @@ from sae_core import (ConfigError, DictionaryConfig, DictionaryError, SAEError, 
 from sae_core.config import Option, options
 from sae_core.metrics import firing_histogram
 from sae_core.plots import histogram_chart, line_chart
+from sae_core.shards import DTYPES
 from sae_core.synthetic import run_benchmark, superposition_data
 
 from .config import parse_with_config
@@ -440,7 +441,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     cap.add_argument("--with-uncond", action="store_true", help="also keep the unconditional rows of CFG")
     cap.add_argument("--batch-size", type=int, default=8, help="images generated together")
     cap.add_argument("--shard-tokens", type=int, default=65536)
-    cap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    cap.add_argument("--dtype", default="float16", choices=list(DTYPES))
     cap.add_argument("--out", default="runs/activations")
 
     tr = add("train", "train a TopK / BatchTopK SAE or an ITDA dictionary (resumable; torchrun for several GPUs)", cmd_train)

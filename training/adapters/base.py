@@ -325,9 +325,6 @@ class Adapter(ABC):
         A Site's timestep window is kept."""
         return self.catalogue(model).resolve(site)
 
-    def site_width(self, model: nn.Module, site: Union[Site, str]) -> int:
-        return int(self.resolve(model, site).extra["d"])
-
     def module(self, model: nn.Module, site: Site) -> nn.Module:
         """The diffusers module of ``site``'s block."""
         return model.get_submodule(self.catalogue(model).module(site, "diffusers"))
