@@ -244,7 +244,9 @@ class ShardWriter:
         _remove_stray_temps(self.directory)
         self._shards = [_shard_header(p) for p in _shard_paths(self.directory)]
         self.d = self._check_existing()
-        self.extra = {**self._previous_extra(), **dict(extra or {})}
+        previous = self._previous_extra()
+        self._check_same_capture(previous.get("capture"), dict(extra or {}).get("capture"))
+        self.extra = {**previous, **dict(extra or {})}
         try:
             json.dumps(self.extra)
         except TypeError as err:
@@ -269,6 +271,15 @@ class ShardWriter:
             if shard["d"] != self._shards[0]["d"]:
                 raise ShardError(f"{where} has width {shard['d']}, other shards {self._shards[0]['d']}: delete the odd shard")
         return self._shards[0]["d"] if self._shards else None
+
+    def _check_same_capture(self, previous: Any, settings: Any) -> None:
+        """Shards already captured with other ``capture`` settings are refused: the data would be mixed (a
+        resume must use the same settings; any front end that records its settings gets this check)."""
+        if not self._shards or not isinstance(previous, dict) or not isinstance(settings, dict) or previous == settings:
+            return
+        changed = sorted(k for k in {**previous, **settings} if previous.get(k) != settings.get(k))
+        raise ConfigError(f"{self.directory} holds a capture made with other settings ({', '.join(changed)} differ): "
+                          "rerun with the same options to resume it, or capture into a new folder")
 
     def _previous_extra(self) -> dict[str, Any]:
         try:

@@ -7,7 +7,7 @@ import torch
 
 import sae_core.atomic
 from sae_core.config import DictionaryConfig, TrainConfig
-from sae_core.errors import ShardError, WriteError
+from sae_core.errors import ConfigError, ShardError, WriteError
 from sae_core.shards import ActivationBuffer, ShardReader, ShardWriter
 from sae_core.sites import Site
 from sae_core.synthetic import superposition_data
@@ -142,6 +142,14 @@ def test_reopening_with_another_width_site_or_dtype_is_refused(tmp_path):
         ShardWriter(tmp_path, Site(family="flux", block="single_blocks.9"), dtype=torch.float32)
     with pytest.raises(ShardError, match="stored as float32, not float16"):
         ShardWriter(tmp_path, SITE)
+
+
+def test_reopening_with_other_capture_settings_is_refused_and_the_same_ones_resume(tmp_path):
+    write(tmp_path, samples(2), extra={"capture": {"token_fraction": 0.5, "seed": 0}})
+    with pytest.raises(ConfigError, match="other settings \\(token_fraction differ\\)"):
+        ShardWriter(tmp_path, SITE, dtype=torch.float32, extra={"capture": {"token_fraction": 1.0, "seed": 0}})
+    same = write(tmp_path, samples(1), first_sample=2, extra={"capture": {"token_fraction": 0.5, "seed": 0}})
+    assert same.n_tokens == 3 * 50 and same.extra["capture"]["token_fraction"] == 0.5
 
 
 def test_a_truncated_shard_is_named_with_the_fix(tmp_path):

@@ -50,15 +50,6 @@ class CaptureSettings:
         return len(self.prompts) * self.images_per_prompt
 
 
-def _check_settings(writer: ShardWriter, settings: dict[str, Any], where: Path) -> None:
-    """A non-empty directory captured with other settings is refused: its data would be mixed."""
-    previous = writer.extra.get("capture")
-    if previous is not None and writer.n_tokens and previous != settings:
-        changed = sorted(k for k in {**previous, **settings} if previous.get(k) != settings.get(k))
-        raise ConfigError(f"{where} holds a capture made with other settings ({', '.join(changed)} differ): "
-                              "rerun with the same options to resume it, or capture into a new --out folder")
-
-
 def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], out: Path, *, batch_size: int = 8,
             shard_tokens: int = 65536, dtype: str = "float16", progress: bool = True) -> dict[str, Any]:
     """Run the capture (resuming whatever ``out`` holds); returns a summary with token counts per site."""
@@ -70,10 +61,8 @@ def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], ou
     writers: dict[Site, ShardWriter] = {}
     for site in sites:
         where = site_dir(out, site)
-        writer = ShardWriter(where, site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
-        _check_settings(writer, settings.manifest()["capture"], where)
-        writer.extra.update(settings.manifest())
-        writers[site] = writer
+        writers[site] = ShardWriter(where, site, shard_tokens=shard_tokens, dtype=DTYPES[dtype],
+                                    extra=settings.manifest(), whole_adds=True)
     resume_from = {site: w.next_sample_id for site, w in writers.items()}  # sites may stand at different samples
     start = min(resume_from.values())
     total = settings.n_samples
@@ -129,10 +118,8 @@ def capture_images(runner: Runner, folder: Path, sites: Sequence[Site], out: Pat
     recorders = {site: Recorder(seed=seed) for site in sites}
     writers = {}
     for site in sites:
-        writer = ShardWriter(site_dir(out, site), site, shard_tokens=shard_tokens, dtype=DTYPES[dtype], whole_adds=True)
-        _check_settings(writer, settings["capture"], site_dir(out, site))
-        writer.extra.update(settings)
-        writers[site] = writer
+        writers[site] = ShardWriter(site_dir(out, site), site, shard_tokens=shard_tokens, dtype=DTYPES[dtype],
+                                    extra=settings, whole_adds=True)
     resume_from = {site: w.next_sample_id for site, w in writers.items()}
     try:
         for index in tqdm(range(min(resume_from.values()), len(files)), desc="capture images", unit="image",
