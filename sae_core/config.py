@@ -30,6 +30,8 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 """Where an SAE's decoder bias starts."""
 COMPUTE_DTYPES = ("float32", "bfloat16")
 """Precisions of the SAE encoder's matmul."""
+INT_MAX = 2**63 - 1
+"""The largest whole-number option: torch holds counts, steps and seeds in 64 bits."""
 
 
 def spec(default: Any = MISSING, *, default_factory: Any = MISSING, choices: tuple[str, ...] | None = None,
@@ -97,6 +99,8 @@ class Option:
             if not isinstance(v, Integral):
                 raise self._refuse(whole, "must be a whole number")
             v = int(v)
+            if v > INT_MAX:
+                raise self._refuse(whole, f"must be at most {INT_MAX}")
         else:
             v = float(v)
             if not math.isfinite(v):
@@ -327,14 +331,17 @@ class TrainConfig:
         checkpoints and dictionary headers written before the split hold."""
         dictionary_names = {f.name for f in fields(DictionaryConfig)}
         known = dictionary_names | {f.name for f in fields(cls)} - {"dictionary"}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a training config must be a table of options, not {type(data).__name__}")
         values = dict(data)
-        nested = values.pop("dictionary", None) or {}
+        nested = values.pop("dictionary", None)
+        nested = {} if nested is None else nested
         if not isinstance(nested, Mapping):
             raise ConfigError(f"training option dictionary={nested!r}: must be a table of "
                                   + ", ".join(sorted(dictionary_names)))
         unknown = (set(values) - known) | (set(nested) - dictionary_names)
         if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(sorted(unknown))}; "
+            raise ConfigError(f"unknown training option(s) {', '.join(sorted(map(str, unknown)))}; "
                                   f"valid: {', '.join(sorted(known))}")
         shape = {name: values.pop(name) for name in dictionary_names & set(values)}
         twice = set(shape) & set(nested)

@@ -147,9 +147,23 @@ def test_the_train_command_has_a_flag_per_option_with_the_dataclass_default_choi
         assert action.default == option.default, option.name
         assert action.help.replace("%%", "%") == option.help, option.name
         assert tuple(action.choices) == option.choices if option.choices else action.choices is None, option.name
-        assert action.type is (None if option.choices else option.type), option.name
+        if option.choices is None:  # the flag reads its option's type: the default, or 1 for an unset one
+            example = option.default[0] if option.length else 1 if option.default is None else option.default
+            assert action.type(str(example)) == example and type(action.type(str(example))) is option.type, option.name
         assert action.nargs == option.length, option.name
     assert actions["--seed"].default == TrainConfig().seed
+
+
+@pytest.mark.parametrize("option", [o for o in TRAIN_OPTIONS if o.min is not None and o.name not in SHARED_FLAGS],
+                         ids=lambda o: o.name)
+def test_a_train_flag_below_its_option_s_bound_is_refused_while_parsing(option, capsys):
+    from training.__main__ import main
+
+    below = option.min if option.min_open else option.min - 1
+    value = str(int(below) if option.type is int else below)
+    assert main(["train", flag(option), *[value] * (option.length or 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: python -m training train: argument {flag(option)}: must be") and err.count("\n") == 1, err
 
 
 def test_the_train_command_without_flags_trains_with_the_dataclass_defaults():

@@ -9,6 +9,8 @@
     python -m training demo          # the whole loop on the model organism, with steering figures
 
 Every subcommand takes ``--config FILE`` (TOML or JSON, see training/config.py); flags override it.
+Every value is checked when it is parsed (type, range, a device this machine has, an output that can be
+written), before any model is loaded: a mistake is one line ``error: ...`` and exit code 2.
 ``torchrun --nproc-per-node N -m training train ...`` trains data-parallel (each rank reads its own shards).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,23 +29,28 @@ from tqdm import tqdm
 
 from organism.errors import OrganismError
 from sae_core import (ConfigError, DictionaryConfig, DictionaryError, SAEError, ShardReader, TrainConfig, evaluate,
-                      load_dictionary, save_dictionary, train_dictionary)
+                      load_dictionary, save_dictionary, train_dictionary, validate_window)
 from sae_core.config import Option, options
 from sae_core.metrics import firing_histogram
 from sae_core.plots import histogram_chart, line_chart
 from sae_core.shards import DTYPES
 from sae_core.synthetic import run_benchmark, superposition_data
 
-from .config import parse_with_config
+from .config import (COUNT, FEATURE, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, TEXT, ArgParser, Device, Number,
+                     OutputPath, Span, Text, check_writable, parse_with_config)
 
 log = logging.getLogger("training")
 
 
 def tqdm_progress(desc: str, total: int, disable: bool = False):
-    """A training progress callback that drives a tqdm bar."""
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=disable)
+    """A training progress callback that drives a tqdm bar, drawn from the first step on (a run refused before
+    it trains prints its one-line error and nothing else)."""
+    bars: list[tqdm] = []
 
     def update(step: int, total_steps: int, metrics: dict) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=desc, unit="step", leave=False, disable=disable))
+        bar = bars[0]
         bar.update(step - bar.n)
         if "fvu" in metrics:
             bar.set_postfix(fvu=f"{metrics['fvu']:.3f}")
@@ -62,25 +70,22 @@ def _window(values: Optional[list[float]]) -> Optional[tuple[float, float]]:
     return None if values is None else (float(values[0]), float(values[1]))
 
 
-def _span(text: str) -> Optional[tuple[float, float]]:
-    """``"0-0.5"`` -> (0.0, 0.5); ``"all"`` -> None."""
-    if text == "all":
-        return None
-    try:
-        start, end = (float(v) for v in text.split("-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a window is START-END in sampling progress 0..1 (e.g. 0-0.5) or 'all', not {text!r}")
-    return start, end
-
-
 # ----------------------------------------------------------------------------- synthetic
+
+
+SYNTHETIC_HELD_OUT = 10
+"""The synthetic benchmark holds out one sample in this many for its scores."""
+
+
+def _synthetic_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(DictionaryConfig(k=args.k, n_latents=args.latents or 2 * args.features, normalization="none"),
+                       total_steps=args.steps, batch_size=args.batch_size, warmup_steps=50,
+                       lr=args.lr, dead_tokens=50_000, loss_threshold=args.loss_threshold, seed=args.seed, log_every=25)
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
     data = superposition_data(n_samples=args.samples, d=args.d, n_features=args.features, mean_l0=args.l0, seed=args.seed)
-    config = TrainConfig(DictionaryConfig(k=args.k, n_latents=args.latents or 2 * args.features, normalization="none"),
-                         total_steps=args.steps, batch_size=args.batch_size, warmup_steps=50, lr=args.lr,
-                         dead_tokens=50_000, loss_threshold=args.loss_threshold, seed=args.seed, log_every=25)
+    config = _synthetic_config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trained = {}
@@ -135,11 +140,11 @@ def _runner(args: argparse.Namespace):
     return load_runner(args.model, device=args.device)
 
 
-def _model_and_dictionary(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(runner, dictionary, site)`` for commands that run a dictionary on a model (atlas, steer)."""
+def _model_for(args: argparse.Namespace, dictionary: Any) -> tuple[Any, Any]:
+    """``(runner, site)`` for commands that run a dictionary on a model (atlas, steer); the dictionary is read
+    first, so a bad one is refused before the model loads."""
     runner = _runner(args)
-    dictionary = load_dictionary(args.dictionary)
-    return runner, dictionary, _site_for(runner, dictionary, args.site)
+    return runner, _site_for(runner, dictionary, args.site)
 
 
 def _site_for(runner, dictionary: Any, name: Optional[str]) -> Any:
@@ -152,28 +157,25 @@ def _site_for(runner, dictionary: Any, name: Optional[str]) -> Any:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from .capture import CaptureSettings, capture
+    from .capture import CaptureSettings, capture, capture_images, image_files
     from .prompts import read_prompts
 
-    runner = _runner(args)
     if args.list_sites:
-        for site in runner.sites():
+        for site in _runner(args).sites():
             say(f"{site.name}  (d={site.extra['d']})")
         return 0
-    if not args.sites:
-        raise ConfigError("name at least one site with --sites (see --list-sites)")
-    sites = [runner.site(name) for name in args.sites]
     if args.images:
-        from .capture import capture_images
-
+        image_files(Path(args.images))  # refuse a folder with no pictures before the model loads
+        runner = _runner(args)
+        sites = [runner.site(name) for name in args.sites]
         summary = capture_images(runner, Path(args.images), sites, Path(args.out), levels=args.image_levels,
                                  prompt=args.image_prompt, seed=args.seed, shard_tokens=args.shard_tokens, dtype=args.dtype)
         for name, info in summary.items():
             say(f"{name}: {info['tokens']} vectors in {info['directory']}")
         return 0
-    if not args.prompts:
-        raise ConfigError("capture needs --prompts FILE (generate) or --images FOLDER (real images)")
     prompts = read_prompts(args.prompts)
+    runner = _runner(args)
+    sites = [runner.site(name) for name in args.sites]
     settings = CaptureSettings(model=args.model, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
                                steps=args.sample_steps, guidance=args.guidance, window=_window(args.window),
                                tokens_per_image=args.tokens_per_image, cond_only=not args.with_uncond)
@@ -199,6 +201,13 @@ def train_flag(option: Option) -> str:
     return TRAIN_FLAG_NAMES.get(option.name, option.name.replace("_", "-"))
 
 
+def option_type(option: Option) -> Any:
+    """The flag type that checks a TrainConfig option's declared type and bounds while parsing."""
+    if option.type is str:
+        return TEXT
+    return Number(option.type, option.min, option.max, option.min_open, option.max_open)
+
+
 def add_train_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig option, its default, choices and help (the field's docstring) taken from the dataclass."""
     for option in options(TrainConfig):
@@ -208,7 +217,7 @@ def add_train_config_flags(p: argparse.ArgumentParser) -> None:
         if option.choices is not None:
             flag["choices"] = option.choices
         else:
-            flag["type"] = option.type
+            flag["type"] = option_type(option)
         if option.length is not None:
             flag["nargs"] = option.length
         p.add_argument(f"--{train_flag(option)}", **flag)
@@ -225,9 +234,9 @@ def _streaming_data(args: argparse.Namespace, device: str):
 
     from .prompts import read_prompts
 
+    prompts = read_prompts(args.prompts)
     runner = _runner(args)
     site = runner.site(args.site)
-    prompts = read_prompts(args.prompts)
 
     def batches():
         recorder = Recorder(window=_window(args.window), tokens_per_image=args.tokens_per_image, seed=args.seed)
@@ -257,13 +266,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         reader = ShardReader(args.shards, batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
         data, site = reader, reader.site
         source = f"{reader.n_tokens} vectors in {args.shards}" + (f" (rank {rank} of {world})" if world > 1 else "")
-    elif args.model and args.prompts and args.site:
+    else:
         if world > 1:
             raise ConfigError("streaming from a pipeline runs on one process: capture shards first for torchrun")
         data, site = _streaming_data(args, device)
         source = f"{args.model} streaming at {args.site}"
-    else:
-        raise ConfigError("train needs --shards DIR, or --model, --prompts and --site to stream from a pipeline")
     if is_main():
         say(f"training {args.kind} on {source}; checkpoints in {checkpoint_dir}")
     result = train_dictionary(data, config, site=site, checkpoint_dir=checkpoint_dir,
@@ -297,25 +304,26 @@ def _classifier_for(runner) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .prompts import read_prompts
+
     dictionary = load_dictionary(args.dictionary)
+    prompts = read_prompts(args.prompts)[: args.samples] if args.model else []
+    reader = ShardReader(args.shards, batch_size=4096, shuffle=False, drop_last=False) if args.shards else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"dictionary": args.dictionary}
-    if args.shards:
-        reader = ShardReader(args.shards, batch_size=4096, shuffle=False, drop_last=False)
+    if reader is not None:
         x = torch.cat([batch["activations"] for batch in reader]).float()
         report["held_out"] = {k: round(v, 5) for k, v in evaluate(dictionary, x).items()}
         report["held_out"]["vectors"] = x.shape[0]
         say(f"held-out activations ({x.shape[0]} vectors): " + ", ".join(f"{k} {v}" for k, v in report["held_out"].items()))
     if args.model:
         from .grids import image_grid
-        from .prompts import read_prompts
         from .substitution import substitution_scores
 
         runner = _runner(args)
         runner.require_images("eval's substituted generation")
         site = _site_for(runner, dictionary, args.site)
-        prompts = read_prompts(args.prompts)[: args.samples]
         scores, images = substitution_scores(runner, dictionary, site, prompts, [args.seed + i for i in range(len(prompts))],
                                              _classifier_for(runner))
         report["substitution"] = scores
@@ -323,8 +331,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_grid(images[:, :shown], ["original", "substituted", "mean-ablated"], [str(i) for i in range(shown)],
                    f"reconstruction substituted at {site.name}").save(out / "substitution.png")
         say(f"substituted generation at {site.name}: " + json.dumps(scores))
-    if len(report) == 1:
-        raise ConfigError("eval needs --shards (held-out activations) and/or --model with --prompts")
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     say(f"report written to {out / 'eval.json'}")
     return 0
@@ -337,9 +343,10 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     from .atlas_run import build_atlas
     from .prompts import read_prompts
 
-    runner, dictionary, site = _model_and_dictionary(args)
-    runner.require_images("atlas")
     prompts = read_prompts(args.prompts)
+    dictionary = load_dictionary(args.dictionary)
+    runner, site = _model_for(args, dictionary)
+    runner.require_images("atlas")
     index = build_atlas(runner, dictionary, site, prompts, Path(args.out), images_per_prompt=args.images_per_prompt,
                         seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features)
     say(f"atlas written to {index} (open it in a browser; it works offline)")
@@ -352,11 +359,13 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 def cmd_steer(args: argparse.Namespace) -> int:
     from .steer_grid import steering_grid
 
-    runner, dictionary, site = _model_and_dictionary(args)
-    runner.require_images("steer")
+    dictionary = load_dictionary(args.dictionary)
     for f in args.features:
         if not 0 <= f < dictionary.n_latents:
-            raise DictionaryError(f"feature {f} does not exist: the dictionary has {dictionary.n_latents} features")
+            raise DictionaryError(f"feature {f} does not exist: the dictionary has {dictionary.n_latents} features "
+                                  f"(0 to {dictionary.n_latents - 1})")
+    runner, site = _model_for(args, dictionary)
+    runner.require_images("steer")
     grid = steering_grid(runner, dictionary, site, args.prompt, args.seed, args.features, args.strengths,
                          args.windows, mode=args.mode, units=args.units)
     out = Path(args.out)
@@ -379,136 +388,228 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _model_options(p: argparse.ArgumentParser, prompts_required: bool = False) -> None:
-    p.add_argument("--model", default="organism-flux",
+FOLDER = OutputPath(folder=True)
+DICTIONARY_FILE = OutputPath(folder=False, suffixes=(".safetensors",))
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+"""Picture formats a steering grid (an RGB image) is saved in, where this Pillow can write them."""
+
+
+@lru_cache(maxsize=None)
+def grid_file() -> OutputPath:
+    """The steering grid's output: a file name whose suffix is a picture format Pillow writes here."""
+    from PIL import Image
+
+    Image.init()
+    writable = Image.registered_extensions()
+    return OutputPath(folder=False, suffixes=tuple(s for s in GRID_SUFFIXES if writable.get(s) in Image.SAVE))
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=TEXT, default="organism-flux",
                    help="organism-flux, organism-unet, a local diffusers pipeline folder or a Hub id (default organism-flux)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: the pipeline's usual)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's usual)")
+    p.add_argument("--device", type=Device(), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")
+    p.add_argument("--sample-steps", type=COUNT, default=None, help="sampling steps (default: the pipeline's usual)")
+    p.add_argument("--guidance", type=NON_NEGATIVE, default=None, help="guidance scale (default: the pipeline's usual)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every training report")
     sub = parser.add_subparsers(dest="command", required=True)
     subs: dict[str, argparse.ArgumentParser] = {}
 
     def add(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--config", help="TOML or JSON file of options (flags override it)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--config", type=TEXT, help="TOML or JSON file of options (flags override it)")
+        p.add_argument("--seed", type=SEED, default=0)
         p.set_defaults(func=func)
         subs[name] = p
         return p
 
     syn = add("synthetic", "train TopK, BatchTopK and ITDA on the synthetic superposition benchmark", cmd_synthetic)
     syn.add_argument("--kinds", nargs="+", default=["topk", "batchtopk", "itda"], choices=["topk", "batchtopk", "itda"])
-    syn.add_argument("--samples", type=int, default=50_000)
-    syn.add_argument("--d", type=int, default=64, help="activation width")
-    syn.add_argument("--features", type=int, default=512, help="true features (more than --d: superposition)")
-    syn.add_argument("--l0", type=float, default=8.0, help="mean active true features per sample")
-    syn.add_argument("--k", type=int, default=8, help="dictionary L0 (k for SAEs, target L0 for ITDA)")
-    syn.add_argument("--latents", type=int, default=None, help="SAE width (default 2 x features)")
-    syn.add_argument("--steps", type=int, default=1500)
-    syn.add_argument("--batch-size", type=int, default=1024)
-    syn.add_argument("--lr", type=float, default=2e-3)
-    syn.add_argument("--loss-threshold", type=float, default=0.25, help="ITDA growth threshold")
-    syn.add_argument("--out", default="runs/synthetic")
+    syn.add_argument("--samples", type=Number(int, min=SYNTHETIC_HELD_OUT), default=50_000,
+                     help=f"samples drawn; one in {SYNTHETIC_HELD_OUT} is held out for the scores")
+    syn.add_argument("--d", type=COUNT, default=64, help="activation width")
+    syn.add_argument("--features", type=COUNT, default=512, help="true features (more than --d: superposition)")
+    syn.add_argument("--l0", type=POSITIVE, default=8.0, help="mean active true features per sample")
+    syn.add_argument("--k", type=COUNT, default=8, help="dictionary L0 (k for SAEs, target L0 for ITDA)")
+    syn.add_argument("--latents", type=COUNT, default=None, help="SAE width (default 2 x features)")
+    syn.add_argument("--steps", type=COUNT, default=1500)
+    syn.add_argument("--batch-size", type=COUNT, default=1024)
+    syn.add_argument("--lr", type=POSITIVE, default=2e-3)
+    syn.add_argument("--loss-threshold", type=POSITIVE, default=0.25, help="ITDA growth threshold")
+    syn.add_argument("--out", type=FOLDER, default="runs/synthetic")
 
     org = add("organism", "rebuild the model organism: Flux and U-Net denoisers and the classifier", cmd_organism)
     org.add_argument("--kinds", nargs="+", default=["flux", "unet"], choices=["flux", "unet"])
-    org.add_argument("--train-steps", type=int, default=1400)
-    org.add_argument("--batch-size", type=int, default=128)
-    org.add_argument("--lr", type=float, default=1e-3)
-    org.add_argument("--out", default=None, help="default: organism/weights (the committed organism)")
-    org.add_argument("--work-dir", default="runs/organism-work", help="resumable checkpoints")
+    org.add_argument("--train-steps", type=COUNT, default=1400)
+    org.add_argument("--batch-size", type=COUNT, default=128)
+    org.add_argument("--lr", type=POSITIVE, default=1e-3)
+    org.add_argument("--out", type=FOLDER, default=None, help="default: organism/weights (the committed organism)")
+    org.add_argument("--work-dir", type=FOLDER, default="runs/organism-work", help="resumable checkpoints")
     org.add_argument("--skip-classifier", action="store_true")
 
     cap = add("capture", "generate from prompts and store site activations as shards", cmd_capture)
     _model_options(cap)
-    cap.add_argument("--prompts", help="text file, one prompt per line")
-    cap.add_argument("--images", help="a folder of real images instead of prompts (Revelio's route; organism pipelines)")
-    cap.add_argument("--image-levels", type=float, nargs="+", default=[0.5],
+    cap.add_argument("--prompts", type=TEXT, help="text file, one prompt per line")
+    cap.add_argument("--images", type=TEXT,
+                     help="a folder of real images instead of prompts (Revelio's route; organism pipelines)")
+    cap.add_argument("--image-levels", type=FRACTION, nargs="+", default=[0.5],
                      help="noise levels for --images, as sampling progress of a 20-step schedule (0 = pure noise)")
-    cap.add_argument("--image-prompt", default="", help="the prompt real images are denoised with (default: none)")
-    cap.add_argument("--sites", nargs="+", help="site names, e.g. double_blocks.1:image (see --list-sites)")
+    cap.add_argument("--image-prompt", type=Text(empty=True), default="",
+                     help="the prompt real images are denoised with (default: none)")
+    cap.add_argument("--sites", type=TEXT, nargs="+", help="site names, e.g. double_blocks.1:image (see --list-sites)")
     cap.add_argument("--list-sites", action="store_true", help="print the model's sites and exit")
-    cap.add_argument("--window", nargs=2, type=float, metavar=("START", "END"),
+    cap.add_argument("--window", nargs=2, type=FRACTION, metavar=("START", "END"),
                      help="capture only steps in this sampling-progress window (0 = first step, 1 = last)")
-    cap.add_argument("--tokens-per-image", type=int, default=None, help="random subset of tokens kept per image and step")
-    cap.add_argument("--images-per-prompt", type=int, default=1)
+    cap.add_argument("--tokens-per-image", type=COUNT, default=None, help="random subset of tokens kept per image and step")
+    cap.add_argument("--images-per-prompt", type=COUNT, default=1)
     cap.add_argument("--with-uncond", action="store_true", help="also keep the unconditional rows of CFG")
-    cap.add_argument("--batch-size", type=int, default=8, help="images generated together")
-    cap.add_argument("--shard-tokens", type=int, default=65536)
+    cap.add_argument("--batch-size", type=COUNT, default=8, help="images generated together")
+    cap.add_argument("--shard-tokens", type=COUNT, default=65536)
     cap.add_argument("--dtype", default="float16", choices=list(DTYPES))
-    cap.add_argument("--out", default="runs/activations")
+    cap.add_argument("--out", type=FOLDER, default="runs/activations")
 
     tr = add("train", "train a TopK / BatchTopK SAE or an ITDA dictionary (resumable; torchrun for several GPUs)", cmd_train)
-    tr.add_argument("--shards", help="a site's shard directory from capture")
+    tr.add_argument("--shards", type=TEXT, help="a site's shard directory from capture")
     _model_options(tr)
-    tr.add_argument("--prompts", help="stream from the pipeline (with --model and --site) instead of shards")
-    tr.add_argument("--site")
-    tr.add_argument("--window", nargs=2, type=float, metavar=("START", "END"))
-    tr.add_argument("--tokens-per-image", type=int, default=None)
+    tr.add_argument("--prompts", type=TEXT, help="stream from the pipeline (with --model and --site) instead of shards")
+    tr.add_argument("--site", type=TEXT)
+    tr.add_argument("--window", nargs=2, type=FRACTION, metavar=("START", "END"))
+    tr.add_argument("--tokens-per-image", type=COUNT, default=None)
     add_train_config_flags(tr)
-    tr.add_argument("--checkpoint-dir", default=None, help="default: OUT's name + .checkpoint beside it")
-    tr.add_argument("--out", default="runs/dictionary.safetensors")
+    tr.add_argument("--checkpoint-dir", type=FOLDER, default=None, help="default: OUT's name + .checkpoint beside it")
+    tr.add_argument("--out", type=DICTIONARY_FILE, default="runs/dictionary.safetensors")
 
     ev = add("eval", "score a dictionary on held-out shards and by reconstruction-substituted generation", cmd_eval)
-    ev.add_argument("--dictionary", required=True)
-    ev.add_argument("--shards", help="held-out shard directory")
+    ev.add_argument("--dictionary", type=TEXT, required=True)
+    ev.add_argument("--shards", type=TEXT, help="held-out shard directory")
     _model_options(ev)
     ev.set_defaults(model=None)
-    ev.add_argument("--prompts")
-    ev.add_argument("--site", help="default: the dictionary's own site")
-    ev.add_argument("--samples", type=int, default=32, help="prompts used for substituted generation")
-    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--prompts", type=TEXT)
+    ev.add_argument("--site", type=TEXT, help="default: the dictionary's own site")
+    ev.add_argument("--samples", type=COUNT, default=32, help="prompts used for substituted generation")
+    ev.add_argument("--out", type=FOLDER, default="runs/eval")
 
     at = add("atlas", "write the feature atlas: top images with heatmaps, frequencies, associated words", cmd_atlas)
-    at.add_argument("--dictionary", required=True)
+    at.add_argument("--dictionary", type=TEXT, required=True)
     _model_options(at)
-    at.add_argument("--prompts", required=True)
-    at.add_argument("--site", help="default: the dictionary's own site")
-    at.add_argument("--images-per-prompt", type=int, default=1)
-    at.add_argument("--at", type=float, default=0.5, help="sampling progress at which features are read (0..1)")
-    at.add_argument("--top-m", type=int, default=8, help="top images per feature")
-    at.add_argument("--features", type=int, default=None, help="features shown (default: all that fire)")
-    at.add_argument("--out", default="runs/atlas")
+    at.add_argument("--prompts", type=TEXT, required=True)
+    at.add_argument("--site", type=TEXT, help="default: the dictionary's own site")
+    at.add_argument("--images-per-prompt", type=COUNT, default=1)
+    at.add_argument("--at", type=FRACTION, default=0.5,
+                    help="sampling progress at which features are read: 0 = the first step, 1 = the last")
+    at.add_argument("--top-m", type=COUNT, default=8, help="top images per feature")
+    at.add_argument("--features", type=COUNT, default=None, help="features shown (default: all that fire)")
+    at.add_argument("--out", type=FOLDER, default="runs/atlas")
 
     st = add("steer", "a grid of steered images: features x windows down, strengths across", cmd_steer)
-    st.add_argument("--dictionary", required=True)
+    st.add_argument("--dictionary", type=TEXT, required=True)
     _model_options(st)
-    st.add_argument("--prompt", required=True)
-    st.add_argument("--site", help="default: the dictionary's own site")
-    st.add_argument("--features", type=int, nargs="+", required=True)
-    st.add_argument("--strengths", type=float, nargs="+", default=[0, 0.25, 0.5, 1.0])
-    st.add_argument("--windows", type=_span, nargs="+", default=[None], help="START-END progress windows or 'all'")
+    st.add_argument("--prompt", type=TEXT, required=True)
+    st.add_argument("--site", type=TEXT, help="default: the dictionary's own site")
+    st.add_argument("--features", type=FEATURE, nargs="+", required=True)
+    st.add_argument("--strengths", type=FINITE, nargs="+", default=[0, 0.25, 0.5, 1.0])
+    st.add_argument("--windows", type=Span(), nargs="+", default=[None], help="START-END progress windows or 'all'")
     st.add_argument("--mode", default="add", choices=["add", "clamp", "ablate"])
     st.add_argument("--units", default="token_norm", choices=["token_norm", "mean_activation", "raw"])
-    st.add_argument("--out", default="runs/steer.png")
+    st.add_argument("--out", type=grid_file(), default="runs/steer.png",
+                    help="the grid picture: " + ", ".join(grid_file().suffixes))
 
     demo = add("demo", "the whole loop on the model organism: capture, train TopK + ITDA, eval, atlas, steer, flip rates",
                cmd_demo)
     demo.add_argument("--model", default="organism-flux", choices=["organism-flux", "organism-unet"])
-    demo.add_argument("--site", default=None, help="default: double_blocks.1:image (Flux) / up_blocks.1:residual (U-Net)")
+    demo.add_argument("--site", type=TEXT, default=None,
+                      help="default: double_blocks.1:image (Flux) / up_blocks.1:residual (U-Net)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (for tests and a first look)")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", type=FOLDER, default="runs/demo")
     return parser, subs
+
+
+# ----------------------------------------------------------------------------- checks before any work
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    from .runner import check_model
+
+    check_model(args.model)
+
+
+def _check_capture(args: argparse.Namespace) -> None:
+    _check_model(args)
+    if args.list_sites:
+        return
+    if not args.sites:
+        raise ConfigError("capture: name at least one site with --sites (see --list-sites)")
+    if bool(args.prompts) == bool(args.images):
+        raise ConfigError("capture needs either --prompts FILE (generate) or --images FOLDER (real images), "
+                          f"not {'both' if args.prompts else 'neither'}")
+    validate_window(args.window)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    streaming = bool(args.prompts or args.site)
+    if bool(args.shards) == streaming:
+        raise ConfigError("train needs --shards DIR, or --model, --prompts and --site to stream from a pipeline"
+                          + (", not both" if args.shards else ""))
+    if streaming:
+        if not (args.prompts and args.site):
+            raise ConfigError("streaming from a pipeline needs both --prompts FILE and --site NAME")
+        _check_model(args)
+    validate_window(args.window)
+    _train_config(args, args.device)
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    if not args.shards and not args.model:
+        raise ConfigError("eval needs --shards (held-out activations) and/or --model with --prompts")
+    if args.model:
+        if not args.prompts:
+            raise ConfigError("eval --model needs --prompts FILE: the prompts of the substituted generations")
+        _check_model(args)
+
+
+def _check_synthetic(args: argparse.Namespace) -> None:
+    _synthetic_config(args)
+
+
+CHECKS = {"synthetic": _check_synthetic, "capture": _check_capture, "train": _check_train, "eval": _check_eval,
+          "atlas": _check_model, "steer": _check_model}
+"""Per subcommand, what its options must satisfy together (each value alone was checked while parsing)."""
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, before any work, options that cannot go together and outputs that cannot be written."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(action.type, OutputPath) and value is not None:
+            check_writable(value, action.type.folder)
+    CHECKS.get(args.command, lambda _: None)(args)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def error_line(err: BaseException) -> str:
+    """A user's mistake as the one line the command prints."""
+    return "error: " + " ".join(str(err).split())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser, subs = build_parser()
     try:
         args = parse_with_config(parser, subs, argv)
+        check_args(args, subs[args.command])
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         start = time.perf_counter()
         code = args.func(args)
         log.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
         return code
-    except (SAEError, OrganismError, FileNotFoundError) as err:  # a user's mistake: one line, exit code 2
-        print(f"error: {err}", file=sys.stderr)
+    except (SAEError, OrganismError, OSError) as err:  # a user's mistake or the disk's: one line, exit code 2
+        print(error_line(err), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)

@@ -55,6 +55,8 @@ def capture(runner: Runner, settings: CaptureSettings, sites: Sequence[Site], ou
     """Run the capture (resuming whatever ``out`` holds); returns a summary with token counts per site."""
     if settings.images_per_prompt < 1:
         raise ConfigError("images_per_prompt must be at least 1")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: generate at least 1 image at a time")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     window = validate_window(settings.window)
@@ -113,6 +115,10 @@ def capture_images(runner: Runner, folder: Path, sites: Sequence[Site], out: Pat
     """Revelio's route: real images noised to each of ``levels`` (sampling progress of a 20-step schedule),
     one denoiser pass each, the sites' tokens stored with sample id = the image's index in name order."""
     files = image_files(folder)
+    outside = [level for level in levels if not 0.0 <= level <= 1.0]
+    if outside:
+        raise ScheduleError(f"noise levels {outside} lie outside 0..1: a level is sampling progress, 0 = pure noise, "
+                            "1 = the last step")
     settings = {"capture": {"model": runner.name, "images": [p.name for p in files], "levels": list(levels),
                             "prompt": prompt, "seed": seed}}
     recorders = {site: Recorder(seed=seed) for site in sites}

@@ -28,6 +28,7 @@ from organism.classifier import build_classifier
 from organism.data import Dataset
 from organism.models import DDPM_CONFIG, build_flux, build_unet, flux_velocity, pack, to_latent
 from organism.text import shared_encoder
+from sae_core import TrainingError
 from sae_core.atomic import atomic_write
 
 log = logging.getLogger("training.organism_fit")
@@ -129,7 +130,7 @@ def fit(dataset: Dataset, config: FitConfig, work_dir: Path,
         else:
             loss = _unet_loss(model, x0, tokens, alphas, gen)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"organism training diverged at step {step}: lower --lr (the last checkpoint is intact)")
+            raise TrainingError(f"organism training diverged at step {step}: lower --lr (the last checkpoint is intact)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

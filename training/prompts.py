@@ -20,7 +20,10 @@ MAX_CHARS = 2000
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is a folder, not a prompts file")
+        if not path.exists():
+            raise InputError(f"prompts file {path} does not exist")
+        raise InputError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}: pass a prompts file "
+                         "(one prompt per line, UTF-8 text)")
     raw = path.read_bytes()
     if b"\x00" in raw:
         raise InputError(f"{path} is a binary file, not a prompts file (one prompt per line, UTF-8 text)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,18 +222,54 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).suffix != ""
 
 
+def check_model(model: str) -> Optional[Path]:
+    """The local pipeline folder ``model`` names (None for a Hub id), checked without loading anything: an
+    organism whose weights are there, or a folder whose model_index.json names a pipeline class; InputError
+    otherwise, so that a command refuses a bad model before it does any work."""
+    if model in ORGANISMS:
+        folder = _organism_folder(model)
+    else:
+        folder = Path(os.path.expanduser(model))
+        if not folder.exists():
+            if _looks_like_path(model):
+                raise InputError(f"no such folder: {model}")
+            return None
+    pipeline_class(folder)
+    return folder
+
+
+def pipeline_class(folder: Path) -> str:
+    """The pipeline class that ``folder/model_index.json`` names; InputError when the file is missing, is not
+    JSON, or names no pipeline this installation has."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{folder} is not a diffusers pipeline folder (it has no model_index.json)")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{index} is not valid JSON ({' '.join(str(err).split())}): restore the pipeline "
+                         "folder's model_index.json") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{index} names no pipeline class: it needs \"_class_name\", e.g. \"FluxPipeline\"")
+    if name not in _pipeline_classes():
+        raise InputError(f"{index} names the pipeline class {name[:80]!r}, which neither diffusers nor the organism "
+                         "has: is the folder from a newer diffusers, or is the name mistyped?")
+    return name
+
+
+def _pipeline_classes() -> set[str]:
+    """Pipeline classes a folder may name: diffusers' (read from its lazy index, nothing imported) and the organism's."""
+    import diffusers
+
+    return {name for name in dir(diffusers) if "Pipeline" in name} | {
+        name for name in DEFAULTS if name.startswith("Organism")}
+
+
 def load_runner(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Runner:
     """The pipeline named ``model``: an organism name, a local folder or a Hub id (see module docstring)."""
     apply_torchvision_workaround()
-    folder: Optional[Path] = None
-    if model in ORGANISMS:
-        folder = _organism_folder(model)
-    elif Path(model).expanduser().exists():
-        folder = Path(model).expanduser()
-        if not (folder / "model_index.json").exists():
-            raise InputError(f"{folder} is not a diffusers pipeline folder (it has no model_index.json)")
-    elif _looks_like_path(model):
-        raise InputError(f"no such folder: {model}")
+    folder = check_model(model)
     pipe = _load(folder, model, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -248,17 +285,25 @@ def _load(folder: Optional[Path], model: str, dtype: torch.dtype) -> Any:
     diffusers_logging.disable_progress_bar()  # our own bars say what is happening
 
     if folder is not None:
-        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-        if class_name.startswith("Organism"):
-            from organism import pipelines
+        class_name = pipeline_class(folder)
+        try:
+            if class_name.startswith("Organism"):
+                from organism import pipelines
 
-            return getattr(pipelines, class_name).from_pretrained(folder, dtype=dtype)
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+                return getattr(pipelines, class_name).from_pretrained(folder, dtype=dtype)
+            return DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+        except Exception as err:  # missing or damaged components: one actionable message
+            raise InputError(f"could not load the pipeline folder {folder} ({class_name}): {_first_line(err)}; "
+                             "is a component folder missing or damaged?") from err
     try:
         return DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except Exception as err:  # offline misses, unknown repos, gated repos: one actionable message
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise InputError(
-            f"could not load the model {model!r}: {reason}. Pass a local pipeline folder, a Hub id that is in the "
-            f"local Hugging Face cache (or reachable), or one of {', '.join(ORGANISMS)}"
+            f"could not load the model {model!r}: {_first_line(err)}. Pass a local pipeline folder, a Hub id that is "
+            f"in the local Hugging Face cache (or reachable), or one of {', '.join(ORGANISMS)}"
         ) from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
