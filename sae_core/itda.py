@@ -37,10 +37,11 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .checks import mapping, real_number, required, whole_number
 from .dictionary import Dictionary
-from .errors import ConfigError, ShardError
+from .errors import ConfigError, DictionaryError, ShardError
 from .kernels import SparseCodes, sparse_decode
 from .normalize import Standardizer
 from .sites.site import Site
@@ -176,17 +177,14 @@ class ITDA(Dictionary):
     def _normalized_rows(self, x: Tensor) -> Tensor:
         return self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.atoms.dtype))
 
-    def encode(self, x: Tensor) -> SparseCodes:
-        """Model-space activations ``(..., d_in)`` -> codes ``(..., min(target_l0, atoms))``."""
-        self.check_input(x)
-        lead = x.shape[:-1]
-        values, indices = gradient_pursuit(self._normalized_rows(x), self.atoms, self.target_l0)
-        width = values.shape[-1]
-        return SparseCodes(values.reshape(*lead, width), indices.reshape(*lead, width))
+    def encode_rows(self, x: Tensor) -> SparseCodes:
+        """Model-space activations ``(N, d_in)`` -> codes ``(N, min(target_l0, atoms))``."""
+        return gradient_pursuit(self._normalized_rows(x), self.atoms, self.target_l0)
 
     def decode_normalized(self, codes: SparseCodes) -> Tensor:
-        if self.n_latents == 0:  # codes of an empty dictionary point at no atom
-            return codes.values.new_zeros(*codes.values.shape[:-1], self.d_in)
+        if self.n_latents == 0:  # codes of an empty dictionary point at no atom: zeros, NaN where the codes are
+            nonfinite = ~torch.isfinite(codes.values).all(-1, keepdim=True)
+            return codes.values.new_zeros(*codes.values.shape[:-1], self.d_in).masked_fill(nonfinite, float("nan"))
         return sparse_decode(codes, self.atoms)
 
     @torch.no_grad()
@@ -261,17 +259,30 @@ class ITDA(Dictionary):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ITDA":
-        """An empty module with the shapes ``config`` describes (load a state dict into it)."""
+        """An empty module with the shapes ``config`` describes (load a state dict into it).
+
+        Every field :meth:`config` writes is required with its exact JSON type (``k`` and ``target_l0``
+        say the same and either may stand for both): a header is read as written or refused."""
         itda = cls(
-            int(config["d_in"]),
-            int(config.get("target_l0") or config.get("k") or 1),
-            loss_threshold=float(config.get("loss_threshold", 0.3)),
-            max_atoms=int(config.get("max_atoms", 50_000)),
-            site=Site.from_dict(config.get("site")),
-            n_atoms=int(config["n_latents"]),
+            whole_number(required(config, "d_in"), "d_in", 1),
+            _target_l0(config),
+            loss_threshold=real_number(required(config, "loss_threshold"), "loss_threshold", 0, 1, low_open=True),
+            max_atoms=whole_number(required(config, "max_atoms"), "max_atoms", 1),
+            site=Site.from_dict(required(config, "site")),
+            n_atoms=whole_number(required(config, "n_latents"), "n_latents", 0),
         )
-        itda.metadata = dict(config.get("metadata") or {})
+        itda.metadata = dict(mapping(required(config, "metadata"), "metadata"))
         return itda
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, atoms={self.n_latents}, target_l0={self.target_l0}, loss_threshold={self.loss_threshold}, site={self.site}"
+
+
+def _target_l0(config: dict[str, Any]) -> int:
+    """``target_l0``, or ``k`` where only that is given; both must agree when both are."""
+    given = {name: whole_number(config[name], name, 1) for name in ("target_l0", "k") if name in config}
+    if not given:
+        raise DictionaryError("'target_l0' is missing")
+    if len(set(given.values())) > 1:
+        raise DictionaryError(f"k={given['k']} contradicts target_l0={given['target_l0']}")
+    return next(iter(given.values()))

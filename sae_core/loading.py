@@ -3,9 +3,10 @@
 Sources, tried in this order:
 
 * an existing **file**: a native ``.safetensors`` dictionary (see
-  :mod:`sae_core.fileformat`); any other file of a folder in a known layout
-  (e.g. SAELens' ``sae_weights.safetensors`` or SDLens' ``state_dict.pth``,
-  as a file picker hands them over) loads that folder;
+  :mod:`sae_core.fileformat`); a file of a folder in a foreign layout (e.g.
+  SAELens' ``sae_weights.safetensors`` or SDLens' ``state_dict.pth``, as a file
+  picker hands them over) loads that folder. Any other file is refused, never
+  replaced by another dictionary that happens to sit beside it;
 * an existing **folder**: its layout is recognised from the files present:
   SAELens (``cfg.json`` + ``sae_weights.safetensors``), sparsify or seed-A ITDA
   (``cfg.json`` + ``sae.safetensors``, told apart by the cfg's keys), SDLens
@@ -15,10 +16,15 @@ Sources, tried in this order:
   same without ``hf://`` when no such local path exists: fetched with
   ``huggingface_hub.snapshot_download`` (only the subfolder, or the one file
   when the id ends in a file name), which answers from the local HF cache when
-  offline (``HF_HUB_OFFLINE=1``); then the local rules apply.
+  offline (``HF_HUB_OFFLINE=1``); then the local rules apply inside the cache.
+
+With ``allow_local=False`` (what a UI passes for text a user typed) only the
+last is tried: the source must be a Hub id by its syntax, each segment a name
+(``[\\w][\\w.-]*``: no ``..``, no leading ``/`` or ``~``, no drive letter or
+backslash), and nothing outside the HF cache is looked at.
 
 Every failure is a :class:`~sae_core.errors.DictionaryError` that names the
-source and says what to do.
+source and says what to do; none lists a folder's contents.
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checks import printable, short_reason
 from .errors import DictionaryError
 from .fileformat import FORMAT, Dictionary, load_native
 from .foreign import (
     SAELENS_FILES,
     SDLENS_FILES,
+    SDLENS_STATISTICS,
     SEED_ITDA_KEYS,
     SPARSIFY_FILES,
     load_saelens,
@@ -42,12 +50,15 @@ from .foreign import (
     load_seed_itda,
     load_sparsify,
     read_json,
-    short_reason,
 )
 
 Reader = Callable[[Path], Dictionary]
 
-HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)/?(?:@(?P<revision>[\w./-]+))?$")
+SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+HUB_ID = re.compile(
+    rf"^(?P<repo>{SEGMENT}/{SEGMENT})(?P<sub>(?:/{SEGMENT})*)(?:@(?P<revision>{SEGMENT}(?:/{SEGMENT})*))?$"
+)
+"""``owner/name[/sub/...][@revision]``, each segment a plain name: nothing that climbs out of the cache."""
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json")
 """Names ending like this are files: a missing ``models/x.safetensors`` is a local path, not a Hub id."""
 
@@ -57,18 +68,25 @@ LAYOUTS = (
 )
 
 
-def load_dictionary(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None) -> Dictionary:
+def load_dictionary(source: str | os.PathLike, device: str | torch.device = "cpu", *, revision: str | None = None,
+                    allow_local: bool = True) -> Dictionary:
     """Load a dictionary from a file, a folder or a Hub id (see the module docstring).
 
     ``revision`` (branch, tag or commit) applies to Hub ids; it may also be given
-    as an ``@revision`` suffix."""
-    if not str(source).strip():
+    as an ``@revision`` suffix. ``allow_local=False`` accepts Hub ids only."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise DictionaryError("no dictionary given: pass a .safetensors file, a folder or a Hub id (hf://owner/name/subfolder)")
-    path = Path(source).expanduser()
-    if not path.exists():
-        path = _resolve_hub_id(source, revision)
-    dictionary = _load_file(path) if path.is_file() else _load_folder(path)
-    return dictionary.to(device)
+    if allow_local:
+        path = Path(source).expanduser()
+        if not path.exists():
+            path = _resolve_hub_id(_local_or_hub_id(source), revision, allow_local)
+    else:
+        path = _resolve_hub_id(_hub_id_only(source), revision, allow_local)
+    if path.is_file():
+        return _load_file(path).to(device)
+    if path.is_dir():
+        return _load_folder(path).to(device)
+    raise DictionaryError(f"{path} is neither a file nor a folder; pass {LAYOUTS}")
 
 
 def check_site_width(dictionary: Dictionary, d_in: int, site_name: str) -> None:
@@ -86,9 +104,9 @@ def check_site_width(dictionary: Dictionary, d_in: int, site_name: str) -> None:
 def _load_file(path: Path) -> Dictionary:
     if path.suffix == ".safetensors" and _header_format(path) != "":
         return load_native(path)  # ours, or unreadable: load_native says which
-    reader = _folder_reader(path.parent)
-    if reader is not None:
-        return reader(path.parent)
+    reader = _foreign_reader(path.parent)
+    if reader is not None and path.name in reader[1]:
+        return reader[0](path.parent)
     if path.suffix == ".safetensors":
         return load_native(path)  # explains that this safetensors file is not a dictionary
     raise DictionaryError(
@@ -98,36 +116,45 @@ def _load_file(path: Path) -> Dictionary:
 
 
 def _load_folder(folder: Path) -> Dictionary:
-    reader = _folder_reader(folder)
-    if reader is not None:
-        return reader(folder)
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    hint = "; if it holds one dictionary per subfolder, pass one of those" if any(e.endswith("/") for e in entries) else ""
-    raise DictionaryError(
-        f"{folder}: no dictionary layout recognised among {', '.join(entries) or 'no files'}; expected {LAYOUTS}{hint}"
-    )
+    foreign = _foreign_reader(folder)
+    if foreign is not None:
+        return foreign[0](folder)
+    native = _native_file(folder)
+    if native is not None:
+        return load_native(native)
+    has_subfolders = any(p.is_dir() for p in _entries(folder))
+    hint = "; if it holds one dictionary per subfolder, pass one of those" if has_subfolders else ""
+    raise DictionaryError(f"{folder}: no dictionary layout recognised; expected {LAYOUTS}{hint}")
 
 
-def _folder_reader(folder: Path) -> Reader | None:
-    """The reader for ``folder``'s layout, from the files it holds; None if none fits."""
-    names = {p.name for p in folder.iterdir() if p.is_file()}
+def _foreign_reader(folder: Path) -> tuple[Reader, tuple[str, ...]] | None:
+    """The reader of ``folder``'s foreign layout and the names of that layout's files; None if none fits."""
+    names = {p.name for p in _entries(folder) if p.is_file()}
     if set(SAELENS_FILES) <= names:
-        return load_saelens
+        return load_saelens, SAELENS_FILES
     if set(SPARSIFY_FILES) <= names:
         cfg = read_json(folder / "cfg.json")
-        return load_seed_itda if any(key in cfg for key in SEED_ITDA_KEYS) else load_sparsify
+        return (load_seed_itda if any(key in cfg for key in SEED_ITDA_KEYS) else load_sparsify), SPARSIFY_FILES
     if set(SDLENS_FILES) <= names:
-        return load_sdlens
-    return _native_reader(folder)
+        return load_sdlens, SDLENS_FILES + SDLENS_STATISTICS
+    return None
 
 
-def _native_reader(folder: Path) -> Reader | None:
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DictionaryError(f"{folder}: cannot read this folder ({short_reason(err)}); check that it exists and may be read") from err
+
+
+def _native_file(folder: Path) -> Path | None:
     """Ours: the one native file of the folder. A damaged file counts as one, so that
     loading it reports the damage rather than an unknown layout."""
-    candidates = sorted(p for p in folder.glob("*.safetensors") if p.is_file() and _header_format(p) in (FORMAT, None))
+    candidates = sorted(p for p in _entries(folder)
+                        if p.suffix == ".safetensors" and p.is_file() and _header_format(p) in (FORMAT, None))
     if len(candidates) > 1:
-        raise DictionaryError(f"{folder} holds several dictionaries ({', '.join(p.name for p in candidates)}); pass one file")
-    return (lambda _folder: load_native(candidates[0])) if candidates else None
+        raise DictionaryError(f"{folder} holds {len(candidates)} dictionaries; pass one file")
+    return candidates[0] if candidates else None
 
 
 def _header_format(path: Path) -> str | None:
@@ -142,10 +169,9 @@ def _header_format(path: Path) -> str | None:
 # --- Hub ids ---------------------------------------------------------------------------------
 
 
-def _resolve_hub_id(source: str | os.PathLike, revision: str | None) -> Path:
-    """The local path (in the HF cache) of Hub id ``source``, downloading what is missing.
-
-    Only strings can be Hub ids: a ``Path`` that does not exist is a missing local path."""
+def _local_or_hub_id(source: str | os.PathLike) -> re.Match[str]:
+    """A missing local path that reads as a Hub id. Only strings can be Hub ids: a ``Path`` that
+    does not exist, or a string shaped like a relative path or a file name, is a missing local path."""
     text = os.fspath(source)
     looks_local = not isinstance(source, str) or (
         not text.startswith("hf://") and (text.startswith((".", "~")) or text.lower().endswith(FILE_SUFFIXES))
@@ -153,27 +179,48 @@ def _resolve_hub_id(source: str | os.PathLike, revision: str | None) -> Path:
     match = None if looks_local else HUB_ID.match(text.removeprefix("hf://"))
     if match is None:
         raise DictionaryError(f"{source}: no such file or folder; check the path (a Hub id looks like hf://owner/name/subfolder)")
+    return match
+
+
+def _hub_id_only(source: str | os.PathLike) -> re.Match[str]:
+    """``source`` read as a Hub id by its syntax alone: no file system is consulted, and a refusal
+    echoes nothing but the source itself."""
+    match = HUB_ID.match(source.removeprefix("hf://")) if isinstance(source, str) else None
+    if match is None:
+        raise DictionaryError(
+            f"{printable(os.fspath(source), 120)} is not a Hub id (hf://owner/name[/subfolder]); "
+            "local files must be put in models/sae and picked from the list"
+        )
+    return match
+
+
+def _resolve_hub_id(match: re.Match[str], revision: str | None, allow_local: bool) -> Path:
+    """The local path (in the HF cache) of a Hub id, downloading what is missing."""
+    source = match.string
     if revision and match["revision"] and revision != match["revision"]:
-        raise DictionaryError(f"{source}: revision {revision!r} contradicts the id's @{match['revision']}; give one of them")
+        raise DictionaryError(f"{source}: revision {printable(revision)} contradicts the id's @{match['revision']}; give one of them")
+    if revision is not None and not re.fullmatch(rf"{SEGMENT}(?:/{SEGMENT})*", revision):
+        raise DictionaryError(f"revision {printable(revision)} is not a branch, tag or commit name; check it")
     repo, sub = match["repo"], match["sub"].strip("/")
     rev = revision or match["revision"]
     patterns = [sub] if sub.lower().endswith(FILE_SUFFIXES) else [f"{sub}/*"] if sub else None
-    root = _snapshot(repo, sub, rev, patterns)
+    root = _snapshot(repo, sub, rev, patterns, allow_local)
     target = root / sub
     if not target.exists():
         raise DictionaryError(f"{repo}{'@' + rev if rev else ''} has no {sub!r}; check the name of the subfolder or file")
     return target
 
 
-def _snapshot(repo: str, sub: str, revision: str | None, patterns: list[str] | None) -> Path:
+def _snapshot(repo: str, sub: str, revision: str | None, patterns: list[str] | None, allow_local: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as err:  # offline, not found, gated, network down: all need the same advice; the cause is chained
         where = "/".join(filter(None, [repo, sub])) + (f"@{revision}" if revision else "")
+        instead = "pass a local path instead" if allow_local else "put the file in models/sae and pick it from the list"
         raise DictionaryError(
             f"could not fetch {where} from the Hugging Face Hub ({type(err).__name__}: {short_reason(err)}); "
             f"when offline (HF_HUB_OFFLINE=1) it must already be in the local HF cache ({constants.HF_HUB_CACHE}); "
-            "check the id, or pass a local path instead"
+            f"check the id, or {instead}"
         ) from err

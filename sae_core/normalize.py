@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import DictionaryError
+
 MODES = ("none", "scale", "standardize")
 
 
@@ -38,6 +40,24 @@ class Standardizer(nn.Module):
     @property
     def is_identity(self) -> bool:
         return bool((self.mean == 0).all() and (self.std == 1).all())
+
+
+def check_statistics(standardizer: Standardizer, d_in: int, where: str) -> None:
+    """Refuse statistics read from a file that do not fit the dictionary or that would turn every
+    input into inf or NaN: ``mean`` and ``std`` of shape ``(d_in,)``, finite, ``std > 0``."""
+    mean, std = standardizer.mean, standardizer.std
+    if mean.shape != (d_in,) or std.shape != (d_in,):
+        raise DictionaryError(
+            f"{where}: the input statistics have shapes {tuple(mean.shape)} (mean) and {tuple(std.shape)} (std) "
+            f"but the dictionary has width {d_in}; the file is damaged, re-download or re-save it"
+        )
+    bad_std = int((~(torch.isfinite(std) & (std > 0))).sum())
+    bad_mean = int((~torch.isfinite(mean)).sum())
+    if bad_std or bad_mean:
+        raise DictionaryError(
+            f"{where}: the input statistics have {bad_std} zero, negative or non-finite std entries and {bad_mean} "
+            "non-finite mean entries; they would turn activations into inf or NaN, re-export or re-save the dictionary"
+        )
 
 
 def fit_standardizer(x: Tensor, mode: str = "scale", eps: float = 1e-6) -> Standardizer:

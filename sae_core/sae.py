@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import flag, mapping, printable, required, whole_number
 from .dictionary import Dictionary
-from .errors import ConfigError
+from .errors import ConfigError, DictionaryError
 from .kernels import SparseCodes, sparse_decode, threshold_codes
 from .normalize import Standardizer
 from .sites.site import Site
@@ -76,18 +77,13 @@ class SparseAutoencoder(Dictionary):
             x_n = x_n - self.b_dec.to(x_n.dtype)
         return x_n @ self.W_enc.to(x_n.dtype).T + self.b_enc.to(x_n.dtype)
 
-    def encode(self, x: Tensor) -> SparseCodes:
-        """Model-space activations ``(..., d_in)`` -> sparse codes ``(..., width)``."""
-        self.check_input(x)
-        lead = x.shape[:-1]
-        pre = self.pre_activations(self.standardizer.normalize(x.reshape(-1, self.d_in).to(self.W_enc.dtype)))
+    def encode_rows(self, x: Tensor) -> SparseCodes:
+        """Model-space activations ``(N, d_in)`` -> the kind's selection of pre-activations."""
+        pre = self.pre_activations(self.standardizer.normalize(x.to(self.W_enc.dtype)))
         if self.kind == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
-            codes = SparseCodes(values.clamp_min(0.0), indices)
-        else:
-            codes = threshold_codes(pre, self.threshold)
-        width = codes.values.shape[-1]
-        return SparseCodes(codes.values.reshape(*lead, width), codes.indices.reshape(*lead, width))
+            return SparseCodes(values.clamp_min(0.0), indices)
+        return threshold_codes(pre, self.threshold)
 
     def decode_normalized(self, codes: SparseCodes) -> Tensor:
         return sparse_decode(codes, self.W_dec) + self.b_dec
@@ -121,17 +117,21 @@ class SparseAutoencoder(Dictionary):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SparseAutoencoder":
-        """An untrained module with the shapes ``config`` describes (load a state dict into it)."""
-        sae = cls(
-            int(config["d_in"]),
-            int(config["n_latents"]),
-            int(config.get("k") or 1),
-            str(config["kind"]),
-            site=Site.from_dict(config.get("site")),
-            subtract_decoder_bias=bool(config.get("subtract_decoder_bias", True)),
-            seed=None,
-        )
-        sae.metadata = dict(config.get("metadata") or {})
+        """An untrained module with the shapes ``config`` describes (load a state dict into it).
+
+        Every field :meth:`config` writes is required with its exact JSON type: a header is read as
+        written or refused (DictionaryError, or SiteError for the site), never coerced or defaulted."""
+        kind = required(config, "kind")
+        if kind not in SAE_KINDS:
+            raise DictionaryError(f"kind={printable(kind)} is not one of {', '.join(SAE_KINDS)}")
+        d_in = whole_number(required(config, "d_in"), "d_in", 1)
+        n_latents = whole_number(required(config, "n_latents"), "n_latents", 1)
+        lowest_k = 1 if kind in ("topk", "batchtopk") else 0  # relu/jumprelu select by threshold; k is a label
+        k = whole_number(required(config, "k"), "k", lowest_k, n_latents, f"n_latents={n_latents}")
+        sae = cls(d_in, n_latents, k, kind, site=Site.from_dict(required(config, "site")),
+                  subtract_decoder_bias=flag(required(config, "subtract_decoder_bias"), "subtract_decoder_bias"),
+                  seed=None)
+        sae.metadata = dict(mapping(required(config, "metadata"), "metadata"))
         return sae
 
     def extra_repr(self) -> str:

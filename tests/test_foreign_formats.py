@@ -418,3 +418,84 @@ def test_itda_cannot_be_exported_to_saelens(tmp_path):
     with pytest.raises(DictionaryError, match="itda dictionaries are not representable in SAELens"):
         export_saelens(ITDA(D, 3), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# --- settings and tensors are read exactly or refused ------------------------------------------
+
+
+@pytest.mark.parametrize("write, cfg_name, change, message", [
+    (write_saelens, "cfg.json", {"k": 3.7}, "cfg.json: k=3.7 is not a whole number"),
+    (write_saelens, "cfg.json", {"k": True}, "cfg.json: k=True is not a whole number"),
+    (write_saelens, "cfg.json", {"apply_b_dec_to_input": "false"}, "apply_b_dec_to_input='false' is not true or false"),
+    (write_saelens, "cfg.json", {"metadata": "flux"}, "metadata='flux' is not a JSON object"),
+    (write_saelens, "cfg.json", {"d_sae": 41}, "cfg.json: d_sae=41 but the weights have 40"),
+    (write_sparsify, "cfg.json", {"k": "5"}, "cfg.json: k='5' is not a whole number"),
+    (write_sparsify, "cfg.json", {"num_latents": 64}, "num_latents=64 but the weights have 40"),
+    (write_sdlens, "config.json", {"k": 0}, "config.json: k=0 must be between 1 and"),
+    (write_sdlens, "config.json", {"d_model": 13}, "d_model=13 but the weights have 12"),
+    (write_seed_itda, "cfg.json", {"dictionary_size": 2.0}, "dictionary_size=2.0 is not a whole number"),
+    (write_seed_itda, "cfg.json", {"target_l0": None}, "has no 'target_l0' setting"),
+    (write_seed_itda, "cfg.json", {"loss_threshold": 1.5}, "loss_threshold=1.5 must be in \\(0, 1\\]"),
+    (write_seed_itda, "cfg.json", {"subtract_mean": 1}, "subtract_mean=1 is not true or false"),
+])
+def test_foreign_settings_of_the_wrong_type_or_size_are_refused_not_coerced(tmp_path, write, cfg_name, change, message):
+    write(tmp_path)
+    cfg = json.loads((tmp_path / cfg_name).read_text())
+    write_json(tmp_path / cfg_name, {**cfg, **change})
+    with pytest.raises(DictionaryError, match=message) as raised:
+        load_dictionary(tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def rewrite_safetensors(path, **changes):
+    tensors = load_file(str(path))
+    tensors.update(changes)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+@pytest.mark.parametrize("write, weights, change, message", [
+    (write_saelens, "sae_weights.safetensors", {"b_dec": torch.zeros(1)}, "inconsistent shapes .*decoder bias \\(1,\\)"),
+    (write_saelens, "sae_weights.safetensors", {"W_enc": torch.zeros(1, D, N)}, "tensor 'W_enc' has shape \\(1, 12, 40\\) but must have 2 dimension"),
+    (write_saelens, "sae_weights.safetensors", {"b_enc": torch.zeros(N, dtype=torch.int64)}, "tensor 'b_enc' holds torch.int64 values, not weights"),
+    (write_sparsify, "sae.safetensors", {"encoder.bias": torch.zeros(1)}, "inconsistent shapes .*encoder bias \\(1,\\)"),
+    (write_seed_itda, "sae.safetensors", {"mean_x": torch.zeros(1), "mean_y": torch.zeros(1)}, "tensor 'mean_x' has shape \\(1,\\) for inputs of width 12"),
+    (write_seed_itda, "sae.safetensors", {"std_x": -torch.ones(D)}, "the input statistics have 12 zero, negative or non-finite std entries"),
+])
+def test_foreign_tensors_of_another_rank_or_a_broadcasting_shape_are_refused(tmp_path, write, weights, change, message):
+    write(tmp_path)
+    rewrite_safetensors(tmp_path / weights, **change)
+    with pytest.raises(DictionaryError, match=message):
+        load_dictionary(tmp_path)
+
+
+def test_saelens_jumprelu_threshold_must_have_one_value_per_latent(tmp_path):
+    write_saelens(tmp_path, "jumprelu")
+    rewrite_safetensors(tmp_path / "sae_weights.safetensors", threshold=torch.tensor([0.5]))
+    with pytest.raises(DictionaryError, match="threshold has shape \\(1,\\) for 40 latents"):
+        load_dictionary(tmp_path)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("encoder.bias", torch.zeros(1), "encoder.bias has shape \\(1,\\) but latent_bias \\(40,\\)"),
+    ("latent_bias", torch.zeros(N, 1), "tensor 'latent_bias' has shape \\(40, 1\\) but must have 1 dimension"),
+])
+def test_sdlens_biases_must_have_their_exact_shape(tmp_path, name, value, message):
+    state = write_sdlens(tmp_path)
+    torch.save({"state_dict": {**state, name: value}}, tmp_path / "state_dict.pth")
+    with pytest.raises(DictionaryError, match=message):
+        load_dictionary(tmp_path)
+
+
+def test_sdlens_input_std_that_is_zero_is_refused(tmp_path):
+    std = rnd(D).abs() + 0.5
+    std[4] = 0.0
+    write_sdlens(tmp_path, mean=rnd(D), std=std)
+    with pytest.raises(DictionaryError, match="the input statistics have 1 zero, negative or non-finite std entries"):
+        load_dictionary(tmp_path)
+
+
+def test_deeply_nested_config_json_is_refused(tmp_path):
+    write_sparsify(tmp_path)
+    (tmp_path / "cfg.json").write_text('{"k": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DictionaryError, match="cfg.json: cannot read this JSON config \\(maximum recursion depth"):
+        load_dictionary(tmp_path)

@@ -175,3 +175,24 @@ def test_an_empty_dictionary_encodes_to_zeros_and_reconstructs_the_mean():
     codes = itda.encode(x)
     assert codes.values.shape == (3, 2) and not codes.values.any()
     torch.testing.assert_close(itda(x), std.mean.expand(3, 4))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k": 3}, "k=3 contradicts target_l0=2"),
+    ({"target_l0": 2.5}, "target_l0=2.5 is not a whole number"),
+    ({"loss_threshold": 0}, "loss_threshold=0 must be in \\(0, 1\\]"),
+    ({"loss_threshold": "0.2"}, "loss_threshold='0.2' is not a finite number"),
+    ({"max_atoms": None}, "max_atoms=None is not a whole number"),
+])
+def test_a_header_whose_settings_are_wrong_or_contradict_is_refused(change, message):
+    config = {**ITDA(8, 2, loss_threshold=0.2).config(), **change}
+    with pytest.raises(DictionaryError, match=message):
+        ITDA.from_config(config)
+
+
+def test_either_of_k_and_target_l0_stands_for_both():
+    config = ITDA(8, 2).config()
+    for missing in ("k", "target_l0"):
+        assert ITDA.from_config({k: v for k, v in config.items() if k != missing}).target_l0 == 2
+    with pytest.raises(DictionaryError, match="'target_l0' is missing"):
+        ITDA.from_config({k: v for k, v in config.items() if k not in ("k", "target_l0")})

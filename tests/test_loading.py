@@ -32,8 +32,9 @@ def test_native_file_and_folder_with_one_native_file(tmp_path):
 def test_folder_with_several_native_files_asks_for_one(tmp_path):
     native(tmp_path, "a.safetensors")
     native(tmp_path, "b.safetensors")
-    with pytest.raises(DictionaryError, match="holds several dictionaries \\(a.safetensors, b.safetensors\\); pass one file"):
+    with pytest.raises(DictionaryError, match="holds 2 dictionaries; pass one file") as raised:
         load_dictionary(tmp_path)
+    assert "a.safetensors" not in str(raised.value)
     assert load_dictionary(tmp_path / "b.safetensors").n_latents == 16
 
 
@@ -52,14 +53,16 @@ def test_each_layout_is_recognised_from_its_folder_or_one_of_its_files(tmp_path,
             assert dictionary.site.extra["source"] in ("saelens", "sparsify", "sdlens", "seed-itda")
 
 
-def test_folder_with_unknown_files_lists_them(tmp_path):
+def test_folder_with_unknown_files_names_the_expected_layouts_but_not_its_contents(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(DictionaryError, match="no dictionary layout recognised among notes.txt, weights.bin; expected .*SAELens"):
+    with pytest.raises(DictionaryError, match="no dictionary layout recognised; expected .*SAELens") as raised:
         load_dictionary(tmp_path)
+    assert "notes.txt" not in str(raised.value) and "weights.bin" not in str(raised.value)
     (tmp_path / "block_3").mkdir()
-    with pytest.raises(DictionaryError, match="among block_3/, notes.txt, weights.bin; .*pass one of those"):
+    with pytest.raises(DictionaryError, match="no dictionary layout recognised; .*pass one of those") as raised:
         load_dictionary(tmp_path)
+    assert "block_3" not in str(raised.value)
 
 
 def test_bare_pickle_file_is_refused_with_the_accepted_layouts(tmp_path):
@@ -183,3 +186,67 @@ def test_width_check_names_both_widths():
     check_site_width(sae, 8, "flux:double_blocks.3:image")
     with pytest.raises(DictionaryError, match="dictionary flux:double_blocks.3:image has d_in=8 but site flux:double_blocks.4:image has width 3072"):
         check_site_width(sae, 3072, "flux:double_blocks.4:image")
+
+
+# --- choosing a file never loads another one; Hub-only loading ---------------------------------
+
+
+def test_a_headerless_safetensors_file_beside_a_dictionary_is_refused_not_replaced_by_it(tmp_path):
+    native(tmp_path, "dictionary.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "image_model.safetensors"))
+    with pytest.raises(DictionaryError, match="image_model.safetensors is a safetensors file but not a Diffusion SAE dictionary"):
+        load_dictionary(tmp_path / "image_model.safetensors")
+
+
+def test_a_file_that_is_not_part_of_the_folders_foreign_layout_is_refused(tmp_path):
+    write_saelens(tmp_path)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "sparsity.safetensors"))
+    with pytest.raises(DictionaryError, match="sparsity.safetensors is a safetensors file but not a Diffusion SAE dictionary"):
+        load_dictionary(tmp_path / "sparsity.safetensors")
+    assert load_dictionary(tmp_path / "sae_weights.safetensors").kind == "topk"
+
+
+@pytest.mark.parametrize("source", [
+    "~", "/etc", "/tmp/x/y", "../models/x", "owner/..", "owner/name/../../x", "./owner/name", ".hidden/name",
+    "owner//name", "owner/name/", "C:/models/x", "C:\\models\\x", "owner\\name", "owner", "hf://", "hf://owner",
+    "owner/name@", "owner/name@../x", "owner/na me", "owner/name\nsecond line", "",
+])
+def test_hub_only_loading_refuses_anything_that_is_not_a_hub_id_and_echoes_only_it(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DictionaryError) as raised:
+        load_dictionary(source, allow_local=False)
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path) not in message
+    if source:
+        assert message == f"{source!r} is not a Hub id (hf://owner/name[/subfolder]); local files must be put in models/sae and picked from the list"
+
+
+def test_hub_only_loading_never_reads_a_local_folder_of_that_name(tmp_path, monkeypatch, hub_cache):
+    monkeypatch.chdir(tmp_path)
+    native(tmp_path / "owner" / "name")
+    with pytest.raises(DictionaryError, match="could not fetch owner/name from the Hugging Face Hub .* or put the file in models/sae"):
+        load_dictionary("owner/name", allow_local=False)
+    assert load_dictionary("owner/name").n_latents == 16  # the CLI's default still reads local paths
+
+
+def test_hub_only_loading_reads_hub_ids_from_the_cache(hub_cache):
+    sae = SparseAutoencoder(8, 16, 2, seed=5)
+    fake_hub_repo(hub_cache, "someone/flux-saes", "db18", lambda d: save_dictionary(sae, d / "sae.safetensors"))
+    x = torch.randn(2, 8)
+    for source in ("hf://someone/flux-saes/db18", "someone/flux-saes/db18@main", "someone/flux-saes/db18/sae.safetensors"):
+        torch.testing.assert_close(load_dictionary(source, allow_local=False)(x), sae(x))
+
+
+def test_a_revision_that_could_leave_the_cache_is_refused(hub_cache):
+    with pytest.raises(DictionaryError, match="revision '../../x' is not a branch, tag or commit name"):
+        load_dictionary("hf://someone/flux-saes/db18", revision="../../x", allow_local=False)
+
+
+def test_a_home_folder_is_never_listed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "private-notes.txt").write_text("secret")
+    with pytest.raises(DictionaryError) as raised:
+        load_dictionary("~")
+    assert "private-notes" not in str(raised.value)
+    with pytest.raises(DictionaryError, match="^'~' is not a Hub id"):
+        load_dictionary("~", allow_local=False)

@@ -1,8 +1,11 @@
 """A SparseAutoencoder is an encode/decode pair in the model's own activation space."""
+import numpy as np
 import pytest
 import torch
 
 from sae_core.errors import ConfigError, DictionaryError
+from sae_core.itda import ITDA
+from sae_core.kernels import SparseCodes
 from sae_core.normalize import Standardizer, fit_standardizer
 from sae_core.sae import SparseAutoencoder
 from sae_core.sites import Site
@@ -81,3 +84,54 @@ def test_scale_normalisation_makes_mean_squared_norm_equal_width():
     std = fit_standardizer(x, "scale")
     xn = std.normalize(x)
     assert abs(float(xn.pow(2).sum(-1).mean()) / 16 - 1) < 1e-3
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.tensor(1.0), "got a single number \\(a 0-d tensor\\)"),
+    (np.zeros((2, 12), dtype=np.float32), "must be a torch tensor of shape \\(..., 12\\), got ndarray"),
+    (torch.ones(2, 12, dtype=torch.int64), "must be floating point, got torch.int64"),
+    (torch.ones(2, 11), "width 11 .*d_in=12"),
+    ([[0.0] * 12], "got list"),
+])
+def test_encode_refuses_anything_but_floating_point_activations_of_its_width(x, message):
+    with pytest.raises(DictionaryError, match=message) as raised:
+        make_sae().encode(x)
+    assert "\n" not in str(raised.value)
+
+
+def test_decode_refuses_codes_that_encode_did_not_make():
+    sae = make_sae()
+    codes = sae.encode(torch.randn(3, 12))
+    with pytest.raises(DictionaryError, match="codes must be SparseCodes"):
+        sae.decode(codes.values)
+    with pytest.raises(DictionaryError, match="must have one shape"):
+        sae.decode(SparseCodes(codes.values, codes.indices[:, :2]))
+    with pytest.raises(DictionaryError, match="indices integers, got torch.float32 and torch.float32"):
+        sae.decode(SparseCodes(codes.values, codes.indices.float()))
+    with pytest.raises(DictionaryError, match="code indices must lie in 0..47"):
+        sae.decode(SparseCodes(codes.values, codes.indices + 48))
+
+
+def every_kind(kind):
+    if kind == "itda":
+        itda = ITDA(12, 3)
+        itda.grow(torch.randn(64, 12, generator=torch.Generator().manual_seed(0)))
+        return itda
+    sae = make_sae(kind, standardizer=Standardizer(12, mean=torch.randn(12), std=torch.rand(12) + 0.5))
+    sae.threshold.fill_(0.1)
+    return sae
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "relu", "jumprelu", "itda"])
+def test_a_non_finite_input_row_encodes_and_decodes_to_nan_and_leaves_other_rows_alone(kind):
+    dictionary = every_kind(kind)
+    x = torch.randn(4, 12)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    codes = dictionary.encode(x)
+    assert codes.values[[1, 2]].isnan().all()
+    reconstruction = dictionary.decode(codes)
+    assert reconstruction[[1, 2]].isnan().all()
+    for row in (0, 3):
+        alone = dictionary(x[row:row + 1])[0]
+        torch.testing.assert_close(reconstruction[row], alone)
+        assert torch.isfinite(reconstruction[row]).all()

@@ -5,10 +5,16 @@ against the site a user wants to patch.
 """
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import SiteError
+
 STREAMS = ("image", "text", "joint", "residual", "update")
+FIELDS = ("family", "block", "stream", "timestep_window", "extra")
+"""The keys of :meth:`Site.to_dict`, all of which :meth:`Site.from_dict` requires."""
 
 
 @dataclass(frozen=True)
@@ -33,16 +39,21 @@ class Site:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Site":
-        data = dict(data or {})
-        window = data.get("timestep_window")
-        return cls(
-            family=str(data.get("family", "unknown")),
-            block=str(data.get("block", "unknown")),
-            stream=str(data.get("stream", "residual")),
-            timestep_window=tuple(float(v) for v in window) if window else None,
-            extra=dict(data.get("extra") or {}),
-        )
+    def from_dict(cls, data: Any) -> "Site":
+        """The inverse of :meth:`to_dict`. Anything else is refused rather than guessed at: a site read
+        from a file header or a manifest decides where a dictionary is applied."""
+        if not isinstance(data, dict):
+            raise SiteError(f"a site record must be a JSON object with {', '.join(FIELDS)}, got {reprlib.repr(data)}")
+        missing = [name for name in FIELDS if name not in data]
+        if missing:
+            raise SiteError(f"the site record has no {', '.join(missing)}")
+        for name in ("family", "block", "stream"):
+            if not isinstance(data[name], str):
+                raise SiteError(f"site {name}={reprlib.repr(data[name])} is not a string")
+        if not isinstance(data["extra"], dict):
+            raise SiteError(f"site extra={reprlib.repr(data['extra'])} is not a JSON object")
+        return cls(family=data["family"], block=data["block"], stream=data["stream"],
+                   timestep_window=_window(data["timestep_window"]), extra=dict(data["extra"]))
 
     @property
     def name(self) -> str:
@@ -55,3 +66,13 @@ class Site:
             when = f" @ t in [{self.timestep_window[0]:g}, {self.timestep_window[1]:g}]"
         return f"{self.family}:{self.block}:{self.stream}{when}"
 
+
+def _window(value: Any) -> tuple[float, float] | None:
+    """A recorded timestep window: null, or ``[start, end]`` with ``0 <= start <= end <= 1``."""
+    if value is None:
+        return None
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or not 0 <= value[0] <= value[1] <= 1:
+        raise SiteError(f"site timestep_window={reprlib.repr(value)} is not null or [start, end] with 0 <= start <= end <= 1")
+    return float(value[0]), float(value[1])
