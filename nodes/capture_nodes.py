@@ -12,7 +12,8 @@ from comfy_api.latest import io
 from ..sae_core import (ActivationBuffer, InputError, Record, Recorder, ShardError, ShardReader, ShardWriter, Site,
                         SiteContext, write_records)
 from ..sae_core.shards import DTYPES
-from .common import CAPTURE, CATEGORY, check_choices, output_folder, resolve_site, site_input, window, window_inputs
+from .common import (CAPTURE, CATEGORY, check_choices, output_folder, paths_named_from_output, require_choices,
+                     resolve_site, site_input, window, window_inputs)
 
 DESTINATIONS = ("shards", "memory")
 
@@ -42,7 +43,8 @@ class Capture:
     def begin(self, batch: int) -> None:
         """A sampling run of ``batch`` samples starts."""
         if self.buffer is None:
-            self._writer = ShardWriter(self.directory, self.site, dtype=self.dtype, extra=self.settings)
+            with paths_named_from_output():
+                self._writer = ShardWriter(self.directory, self.site, dtype=self.dtype, extra=self.settings)
             self._next_sample = self._writer.next_sample_id
         self.recorder.begin(range(self._next_sample, self._next_sample + batch))
         self._next_sample += batch
@@ -60,7 +62,8 @@ class Capture:
         self.recorder.take()
         if self._writer is not None:
             self._writer, writer = None, self._writer
-            writer.close()
+            with paths_named_from_output():
+                writer.close()
 
     @property
     def n_vectors(self) -> int:
@@ -137,6 +140,7 @@ class SAECaptureActivations(io.ComfyNode):
     def execute(cls, model, site: str, window_start: float, window_end: float, token_fraction: float,
                 cond_only: bool, folder: str, dtype: str, destination: str = "shards",
                 max_vectors: int = 1_000_000) -> io.NodeOutput:
+        require_choices(cls, dtype=dtype, destination=destination)
         adapter, where, _ = resolve_site(model, site)
         directory = output_folder(folder) if destination == "shards" else None
         gate = window(window_start, window_end)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..sae_core import InputError, ScheduleError, SteerError
+from ..sae_core import ConfigError, InputError, SAEError, ScheduleError, SteerError
 
 CATEGORY = "Diffusion SAE"
 DICTIONARY = io.Custom("SAE_DICTIONARY")
@@ -32,6 +33,10 @@ SIGMA_MAX = 1e4
 """The sigma widgets' top value: "no upper bound"."""
 LISTED_CHOICES = 20
 """A refused choice's message lists the valid ones up to this many (ComfyUI's own limit)."""
+MAX_NAME_BYTES = 255
+"""The longest file or folder name common file systems take."""
+MAX_FOLDER_BYTES = 1024
+"""The longest folder input taken: well inside the file systems' path limit, with room for the output folder."""
 
 
 def site_input(default: str) -> io.String.Input:
@@ -53,14 +58,34 @@ def check_choices(node: type[io.ComfyNode], **values: Any) -> bool | str:
     ComfyUI 0.3.75 checks a V1 list input's value before running a workflow but not a V3 Combo's (its
     validator compares only list-typed inputs), so nodes call this from ``validate_inputs``: a workflow
     with a choice that no longer exists is refused when queued, as before. A linked value arrives as None
-    and is not checked."""
+    and is not checked (see :func:`require_choices`)."""
+    return _refused_choice(node, {name: value for name, value in values.items() if value is not None}) or True
+
+
+def require_choices(node: type[io.ComfyNode], **values: Any) -> None:
+    """ConfigError unless each value is one of its Combo input's options: the run-time half of
+    :func:`check_choices`, for a value the validator could not see (a link, or a JSON null sent by a script)."""
+    refused = _refused_choice(node, values)
+    if refused:
+        raise ConfigError(f"{refused}: pick one of the node's choices")
+
+
+def _refused_choice(node: type[io.ComfyNode], values: dict[str, Any]) -> str:
+    """The message naming the first value that is not one of its Combo input's options, or ""."""
     options = {i.id: i.options for i in node.define_schema().inputs if isinstance(i, io.Combo.Input)}
     for name, value in values.items():
-        if value is not None and value not in options[name]:
+        if value not in options[name]:
             valid = options[name]
             listed = ", ".join(map(str, valid)) if len(valid) <= LISTED_CHOICES else f"{len(valid)} choices"
             return f"{name} {value!r} is not one of: {listed}"
-    return True
+    return ""
+
+
+def require_linked(value: Any, expected: type, input_name: str, source: str) -> None:
+    """InputError unless ``value`` is an ``expected``: through the API a script may send any JSON value for an
+    input that takes another node's output."""
+    if not isinstance(value, expected):
+        raise InputError(f"{input_name} is a {type(value).__name__}, not the output of {source}: connect {source}")
 
 
 def register_sae_folder() -> None:
@@ -89,15 +114,67 @@ def sae_save_dir() -> str:
     return path
 
 
-def output_folder(folder: str) -> Path:
-    """``folder`` inside ComfyUI's output folder; InputError for an empty one or one that leaves it."""
+def output_folder(folder: str, input_name: str = "folder") -> Path:
+    """``folder`` inside ComfyUI's output folder, for a folder input that a workflow may set to anything.
+
+    Only a relative path that stays inside the output folder is taken (no absolute path, ``~`` or ``..``
+    out of it, nor a symlink that leads out), so that a workflow from anywhere reads and writes nowhere
+    else; its messages echo the value as typed, never the server's own paths."""
     import folder_paths
 
+    text = str(folder).strip()
+    problem = _folder_text_problem(text)
+    if problem:
+        raise InputError(f"{input_name} {folder!r} {problem}: give a relative path inside ComfyUI's output folder, "
+                         "e.g. sae_activations/run1")
     output = Path(folder_paths.get_output_directory()).resolve()
-    directory = (output / folder.strip()).resolve()
-    if not folder.strip() or output not in directory.parents:
-        raise InputError(f"capture folder {folder!r} must be a relative path inside ComfyUI's output folder")
+    directory = (output / text).resolve()
+    if output not in directory.parents:
+        where = "is the output folder itself" if directory == output else "leaves ComfyUI's output folder"
+        raise InputError(f"{input_name} {folder!r} {where}: give a relative path inside ComfyUI's output folder, "
+                         "e.g. sae_activations/run1")
+    blocker = next(p for p in (directory, *directory.parents) if p.exists())
+    if not blocker.is_dir():
+        raise InputError(f"{input_name} {folder!r}: {blocker.relative_to(output).as_posix()} is a file in ComfyUI's "
+                         "output folder, not a folder; pick another name")
     return directory
+
+
+def _folder_text_problem(text: str) -> str:
+    """Why ``text`` cannot name a folder inside the output folder, or "" when it may."""
+    if not text:
+        return "is empty"
+    if any(ord(c) < 32 for c in text):
+        return "holds control characters"
+    if Path(text).is_absolute() or text.startswith(("~", "/", "\\")):
+        return "is not a relative path"
+    if len(text.encode()) > MAX_FOLDER_BYTES:
+        return f"is longer than {MAX_FOLDER_BYTES} bytes"
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in Path(text).parts):
+        return f"has a name longer than {MAX_NAME_BYTES} bytes"
+    return ""
+
+
+def relative_to_output(directory: Path) -> str:
+    """``directory`` as a workflow names it: relative to ComfyUI's output folder (what a folder input takes)."""
+    import folder_paths
+
+    return directory.relative_to(Path(folder_paths.get_output_directory()).resolve()).as_posix()
+
+
+@contextmanager
+def paths_named_from_output() -> Iterator[None]:
+    """Project errors raised inside name folders by their place in ComfyUI's output folder (``output/...``),
+    as workflows do, rather than by the server's absolute path."""
+    import folder_paths
+
+    try:
+        yield
+    except SAEError as err:
+        output = str(Path(folder_paths.get_output_directory()).resolve())
+        if output not in str(err):
+            raise
+        raise type(err)(str(err).replace(output, "output")) from err
 
 
 def resolve_site(model, name: str):
@@ -123,6 +200,9 @@ def parse_features(text: str) -> list[int]:
 
 def window(start: float, end: float) -> Optional[tuple[float, float]]:
     """The widgets' progress window, or None when it spans all of sampling."""
+    for name, value in (("window_start", start), ("window_end", end)):
+        if not 0.0 <= value <= 1.0:  # NaN too
+            raise ScheduleError(f"{name} {value}: use a point of sampling from 0 (the first step) to 1 (the last)")
     if start > end:
         raise ScheduleError(f"window start {start} is after its end {end}: start must be <= end (0..1)")
     return None if (start <= 0.0 and end >= 1.0) else (float(start), float(end))
@@ -130,6 +210,11 @@ def window(start: float, end: float) -> Optional[tuple[float, float]]:
 
 def sigma_range(low: float, high: float) -> Optional[tuple[float, float]]:
     """The widgets' sigma bounds as a gate, or None when they leave every sigma in."""
+    for name, value in (("sigma_min", low), ("sigma_max", high)):
+        if not 0.0 <= value <= SIGMA_MAX:  # NaN too
+            raise ScheduleError(f"{name} {value}: use a noise level from 0 to {SIGMA_MAX:g} (no upper bound)")
+    if low > high:
+        raise ScheduleError(f"sigma_min {low} is above sigma_max {high}: swap them")
     return None if (low <= 0.0 and high >= SIGMA_MAX) else (float(low), float(high))
 
 
@@ -145,7 +230,29 @@ def pil_to_image(pil) -> torch.Tensor:
 
 
 def mask_2d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A ComfyUI MASK ``(B, H, W)`` or ``(H, W)`` -> one ``(H, W)`` map (the first of a batch)."""
+    """A ComfyUI MASK ``(B, H, W)`` or ``(H, W)`` -> one ``(H, W)`` map (the first of a batch); SteerError for
+    anything else, so that a mask from an odd node is refused before sampling rather than inside it."""
     if mask is None:
         return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or 0 in mask.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise SteerError(f"mask shaped {shape} is not a painted mask: connect a MASK of shape (H, W) or (batch, H, W)")
+    if mask.is_complex():
+        raise SteerError(f"mask of dtype {mask.dtype} is not a painted mask: connect a MASK of weights 0..1")
     return mask[0] if mask.ndim == 3 else mask
+
+
+def checked_images(images: Any, input_name: str = "images") -> torch.Tensor:
+    """A ComfyUI IMAGE ``(batch, H, W, 3 or 4)``, finite floats, as its RGB ``(batch, H, W, 3)``; InputError
+    naming ``input_name`` for anything else (a mask, a latent, a uint8 picture)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4) \
+            or 0 in images.shape:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(f"{input_name} shaped {shape} are not ComfyUI images: connect an IMAGE "
+                         "(batch, height, width, 3)")
+    if not images.is_floating_point():
+        raise InputError(f"{input_name} of dtype {images.dtype} are not ComfyUI images: connect an IMAGE of floats "
+                         "in [0, 1] (e.g. from Load Image or VAE Decode)")
+    if not bool(torch.isfinite(images).all()):
+        raise InputError(f"{input_name} hold NaN or infinite pixels: connect an IMAGE of floats in [0, 1]")
+    return images[..., :3]

@@ -21,14 +21,16 @@ given to the node is never changed: the site function lives on a clone (``patch_
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..sae_core import ConfigError, InputError, Recorder, ShardWriter, SiteError, write_records
 from .adapters import patch_site
-from .common import CATEGORY, check_choices, output_folder, site_input
+from .common import (CATEGORY, check_choices, checked_images, output_folder, paths_named_from_output,
+                     relative_to_output, require_choices, site_input)
 
 
 def _one_model_call(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -41,14 +43,67 @@ def _one_model_call(model, x, sigmas, extra_args=None, callback=None, disable=No
 def _zero_conditioning(model):
     """A stand-in for an empty prompt when no conditioning is wired: zero text tokens of the model's width
     (like ConditioningZeroOut). Revelio's own recipe is CLIPTextEncode("") wired to ``positive``."""
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
-    width = config.get("context_dim") or config.get("context_in_dim")
+    width = _text_width(model)
     if not width:
         raise InputError("no positive conditioning: wire CLIPTextEncode with an empty prompt to 'positive'")
+    config = _unet_config(model)
     extra = {}
     if config.get("vec_in_dim"):
         extra["pooled_output"] = torch.zeros(1, int(config["vec_in_dim"]))
-    return [[torch.zeros(1, 77, int(width)), extra]]
+    return [[torch.zeros(1, 77, width), extra]]
+
+
+def _unet_config(model) -> dict:
+    return getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+
+
+def _text_width(model) -> Optional[int]:
+    """The width of the text tokens the model's cross-attention (U-Net) or text input (Flux-like) takes."""
+    config = _unet_config(model)
+    width = config.get("context_dim") or config.get("context_in_dim")
+    return int(width) if width else None
+
+
+def model_latent_channels(model) -> int:
+    """The latent channels the model's first layer takes: its ``in_channels``, or its latent format's when the
+    model concatenates extra channels (inpainting, image-to-video) or does not say."""
+    base = model.model
+    channels = _unet_config(model).get("in_channels")
+    if channels is None or getattr(base, "concat_keys", ()):
+        return int(base.latent_format.latent_channels)
+    return int(channels)
+
+
+def check_vae_fits(vae, model, images: torch.Tensor) -> None:
+    """Refuse a VAE whose latents the model cannot take (an SDXL VAE for Flux, ...) before any work, naming both
+    channel counts, instead of a shape error from deep inside the model; and images smaller than one latent."""
+    if not (hasattr(vae, "latent_channels") and hasattr(vae, "encode")):
+        raise InputError(f"vae is a {type(vae).__name__}, not a VAE: connect the model's VAE (e.g. Load VAE)")
+    latent = int(vae.latent_channels)
+    expected = model_latent_channels(model)
+    if latent != expected:
+        raise InputError(f"the VAE makes {latent}-channel latents but the model takes {expected} channels: connect "
+                         "the VAE that belongs to this model")
+    scale = int(vae.spacial_compression_encode())
+    if min(images.shape[1:3]) < scale:
+        raise InputError(f"images of {images.shape[2]}x{images.shape[1]} pixels are smaller than one latent of this "
+                         f"VAE ({scale}x{scale}): use larger images")
+
+
+def check_conditioning(positive: Any, model) -> None:
+    """Refuse conditioning that is not CONDITIONING, or whose text tokens have another width than the model's
+    text input (a prompt encoded for another model)."""
+    try:
+        tokens = positive[0][0]
+    except (TypeError, IndexError, KeyError):
+        tokens = None
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
+        raise InputError("positive is not CONDITIONING: connect a text encoder's output (Revelio: CLIPTextEncode "
+                         "with an empty prompt)")
+    width = _text_width(model)
+    if width and tokens.shape[-1] != width:
+        raise InputError(f"positive has {tokens.shape[-1]}-wide text tokens but the model takes {width}: "
+                         "encode the prompt with this model's text encoder")
 
 
 class SAECaptureFromImages(io.ComfyNode):
@@ -81,7 +136,8 @@ class SAECaptureFromImages(io.ComfyNode):
                                               "(unconnected: zero text tokens)"),
             ],
             outputs=[io.String.Output(display_name="summary", tooltip="what was captured, and where"),
-                     io.String.Output(display_name="shards_folder", tooltip="the shards folder, for Train Dictionary")],
+                     io.String.Output(display_name="shards_folder",
+                                             tooltip="the shards folder (inside output/), for Train Dictionary")],
             is_output_node=True,
         )
 
@@ -96,38 +152,44 @@ class SAECaptureFromImages(io.ComfyNode):
         import comfy.samplers
         import comfy.utils
 
-        if not sigma > 0:
-            raise ConfigError(f"sigma {sigma}: the noise level must be > 0")
+        require_choices(cls, pool=pool)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"sigma {sigma}: the noise level must be a number > 0")
+        images = checked_images(images)
         recorder = Recorder(pool=pool)
         patched, where = patch_site(model, site, recorder)
         width = int(where.extra["d"])
+        check_vae_fits(vae, model, images)
         directory = output_folder(folder)
         if positive is None:
             positive = _zero_conditioning(model)
+        check_conditioning(positive, model)
 
-        latents = vae.encode(images[:, :, :, :3]).detach().float().cpu()
+        latents = vae.encode(images).detach().float().cpu()
         noise = comfy.sample.prepare_noise(latents, int(seed))  # one seeded generator for the whole batch
         sampler = comfy.samplers.KSAMPLER(_one_model_call)
         sigmas = torch.tensor([float(sigma), 0.0])
         bar = comfy.utils.ProgressBar(latents.shape[0])
 
-        writer = ShardWriter(directory, where, dtype=torch.float32,
-                             extra={"source": "images", "sigma": float(sigma), "pool": pool})
-        first = writer.next_sample_id
-        try:
-            for i in range(latents.shape[0]):
-                recorder.begin([first + i])
-                comfy.sample.sample_custom(patched, noise[i:i + 1], 1.0, sampler, sigmas, positive, positive,
-                                           latents[i:i + 1], disable_pbar=True, seed=int(seed))
-                records = recorder.take()
-                if not records:
-                    raise SiteError(f"site {where.name} did not run during the model pass")
-                n = records[0].tokens.shape[1]
-                write_records(writer, records[:1], torch.tensor([first + i]))
-                bar.update_absolute(i + 1, latents.shape[0])
-        finally:
-            writer.close()
+        with paths_named_from_output():
+            writer = ShardWriter(directory, where, dtype=torch.float32,
+                                 extra={"source": "images", "sigma": float(sigma), "pool": pool})
+            first = writer.next_sample_id
+            try:
+                for i in range(latents.shape[0]):
+                    recorder.begin([first + i])
+                    comfy.sample.sample_custom(patched, noise[i:i + 1], 1.0, sampler, sigmas, positive, positive,
+                                               latents[i:i + 1], disable_pbar=True, seed=int(seed))
+                    records = recorder.take()
+                    if not records:
+                        raise SiteError(f"site {where.name} did not run during the model pass")
+                    n = records[0].tokens.shape[1]
+                    write_records(writer, records[:1], torch.tensor([first + i]))
+                    bar.update_absolute(i + 1, latents.shape[0])
+            finally:
+                writer.close()
         per_image = "1 pooled vector" if pool == "mean" else f"{n} tokens"
         summary = (f"captured {latents.shape[0]} image(s) x {per_image} of width {width} at "
-                   f"{where.name}, sigma={float(sigma):g}, into {directory} ({writer.n_tokens} vectors in all)")
-        return io.NodeOutput(summary, str(directory), ui=ui.PreviewText(summary))
+                   f"{where.name}, sigma={float(sigma):g}, into output/{relative_to_output(directory)} "
+                   f"({writer.n_tokens} vectors in all)")
+        return io.NodeOutput(summary, relative_to_output(directory), ui=ui.PreviewText(summary))

@@ -6,11 +6,12 @@ from typing import Optional
 import torch
 from comfy_api.latest import io, ui
 
-from ..sae_core import InputError, Recorder, SiteContext
+from ..sae_core import Dictionary, InputError, Recorder, SiteContext
 from .adapters import patch_site
 from ..sae_core.inspection import feature_map, overlay_heatmap, top_features
 from ..sae_core.plots import bar_chart
-from .common import CATEGORY, DICTIONARY, RECORDING, pil_to_image, site_input, window, window_inputs
+from .common import (CATEGORY, DICTIONARY, RECORDING, checked_images, pil_to_image, require_linked, site_input, window,
+                     window_inputs)
 
 
 class Recording:
@@ -77,6 +78,7 @@ class SAERecordFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dictionary, site: str, window_start: float, window_end: float) -> io.NodeOutput:
+        require_linked(dictionary, Dictionary, "dictionary", "Load Dictionary or Train Dictionary")
         recording = Recording(dictionary, window(window_start, window_end))
         patched, _ = patch_site(model, site, recording.record, width=dictionary.d_in)
         return io.NodeOutput(patched, recording)
@@ -106,6 +108,8 @@ class SAEFeatureHeatmap(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, recording: Recording, feature: int, opacity: float) -> io.NodeOutput:
+        require_linked(recording, Recording, "recording", "Record Features")
+        image = checked_images(image, "image")
         heat = feature_map(recording.require(), feature, recording.grid)
         overlaid = overlay_heatmap(image, heat, opacity)
         return io.NodeOutput(overlaid, ui=ui.PreviewImage(overlaid, cls=cls))
@@ -134,6 +138,7 @@ class SAETopFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, recording: Recording, n: int) -> io.NodeOutput:
+        require_linked(recording, Recording, "recording", "Record Features")
         top = top_features(recording.require(), n)
         text = "\n".join(f"{t.feature}: mean {t.mean:.4g}, fires on {t.share:.0%} of tokens" for t in top)
         chart = pil_to_image(bar_chart([f"#{t.feature}" for t in top], [t.mean for t in top],

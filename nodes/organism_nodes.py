@@ -7,16 +7,32 @@ The work (diffusers -> ComfyUI weight conversion, model classes, encoder, decode
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from comfy_api.latest import io
 
 from ..organism.comfy import FAMILIES, conditioning, empty_latent, latent_to_image, load_organism, organism_family
+from ..organism.errors import OrganismError
 from ..sae_core import InputError
-from .common import CATEGORY, check_choices
+from .common import CATEGORY, check_choices, require_choices
 
 ORGANISM = f"{CATEGORY}/organism"
+
+
+@contextmanager
+def organism_errors_as_input_errors() -> Iterator[None]:
+    """The organism's errors, and a folder name the file system refuses (too long, ...), as the plugin's
+    InputError: ComfyUI names an error by its class's module, and the organism package's module path is the
+    plugin's folder on disk, while InputError reads ``diffusion_sae.InputError``."""
+    try:
+        yield
+    except OrganismError as err:
+        raise InputError(str(err)) from err
+    except OSError as err:
+        raise InputError(f"the organism folder cannot be read ({err.strerror or type(err).__name__}): give a folder "
+                         "saved with save_pretrained, or leave it empty for the committed one") from err
 
 
 class SAELoadModelOrganism(io.ComfyNode):
@@ -48,7 +64,9 @@ class SAELoadModelOrganism(io.ComfyNode):
 
     @classmethod
     def execute(cls, family: str, folder: str = "") -> io.NodeOutput:
-        return io.NodeOutput(load_organism(family, str(folder).strip()))
+        require_choices(cls, family=family)
+        with organism_errors_as_input_errors():
+            return io.NodeOutput(load_organism(family, str(folder).strip()))
 
 
 class SAEOrganismTextEncode(io.ComfyNode):
@@ -116,8 +134,12 @@ class SAEOrganismDecode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, samples: dict[str, torch.Tensor], upscale: int = 4) -> io.NodeOutput:
-        return io.NodeOutput(latent_to_image(samples["samples"], upscale))
+    def execute(cls, samples: dict[str, Any], upscale: int = 4) -> io.NodeOutput:
+        latent = samples.get("samples") if isinstance(samples, dict) else None
+        if not isinstance(latent, torch.Tensor):
+            raise InputError("samples is not a LATENT: connect a KSampler's output")
+        with organism_errors_as_input_errors():
+            return io.NodeOutput(latent_to_image(latent, upscale))
 
 
 NODES: list[type[io.ComfyNode]] = [SAELoadModelOrganism, SAEOrganismTextEncode, SAEEmptyOrganismLatent,

@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from comfy_api.latest import io
 
-from ..sae_core import MODES, Steer, UNITS, steer_function
+from ..sae_core import MODES, Dictionary, Steer, UNITS, steer_function
 from .adapters import patch_site
-from .common import (CATEGORY, DICTIONARY, SIGMA_MAX, check_choices, mask_2d, parse_features, sigma_range, site_input,
-                     window, window_inputs)
+from .common import (CATEGORY, DICTIONARY, SIGMA_MAX, check_choices, mask_2d, parse_features, require_choices,
+                     require_linked, sigma_range, site_input, window, window_inputs)
 
 
 class SAESteer(io.ComfyNode):
@@ -65,6 +65,8 @@ class SAESteer(io.ComfyNode):
     def execute(cls, model, dictionary, site: str, mode: str, features: str, strength: float, units: str,
                 window_start: float, window_end: float, cond_only: bool, mask: Optional[torch.Tensor] = None,
                 subtract_uncond: bool = False, sigma_min: float = 0.0, sigma_max: float = SIGMA_MAX) -> io.NodeOutput:
+        require_choices(cls, mode=mode, units=units)
+        require_linked(dictionary, Dictionary, "dictionary", "Load Dictionary or Train Dictionary")
         steer = Steer(parse_features(features), strength, mode=mode, units=units,
                       window=window(window_start, window_end), sigma_range=sigma_range(sigma_min, sigma_max),
                       cond_only=cond_only, subtract_uncond=subtract_uncond, mask=mask_2d(mask))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import DictionaryError, SiteError
+from .errors import ConfigError, DictionaryError, SiteError
 
 HEAT_COLOUR = (1.0, 0.0, 0.0)
 """The colour a feature's heat is painted in (red)."""
@@ -50,6 +50,8 @@ def overlay_heatmap(images: Tensor, heat: Tensor, opacity: float) -> Tensor:
     """``images`` ``(batch, H, W, 3)`` in [0, 1] with ``heat`` ``(rows, cols)`` in [0, 1] resized bilinearly to
     ``(H, W)`` and painted in :data:`HEAT_COLOUR` with alpha ``opacity x heat``: silent tokens leave the picture
     as it was."""
+    if not 0.0 <= opacity <= 1.0:  # NaN too
+        raise ConfigError(f"opacity {opacity}: use a number from 0 (heat not shown) to 1 (opaque where it peaks)")
     resized = F.interpolate(heat.float()[None, None], size=tuple(images.shape[1:3]), mode="bilinear",
                             align_corners=False)[0, 0]
     alpha = (opacity * resized.clamp(0, 1)).to(images)[None, :, :, None]

@@ -26,7 +26,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .shards import ActivationBuffer, ShardWriter
 from .sites.context import SiteContext, prompt_rows
-from .timesteps import Window, in_window
+from .timesteps import Window, in_window, validate_window
 
 KEEP = ("all", "first", "last")
 POOLS = ("none", "mean")
@@ -70,6 +70,7 @@ class Recorder:
     calls: int = 0
 
     def __post_init__(self) -> None:
+        self.window = validate_window(self.window)
         if self.keep not in KEEP:
             raise ConfigError(f"keep={self.keep!r}: use one of {', '.join(KEEP)}")
         if self.pool not in POOLS:

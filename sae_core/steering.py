@@ -399,6 +399,8 @@ def _checked_mask(mask: Tensor) -> Tensor:
     m = torch.as_tensor(mask).detach().float().cpu()
     if m.ndim != 2:
         raise SteerError(f"a steering mask is an (H, W) map, got shape {tuple(m.shape)}: pass one mask, not a batch")
+    if m.numel() == 0:
+        raise SteerError(f"the mask has no pixels (shape {tuple(m.shape)}): paint the region to steer")
     if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
         raise SteerError("mask values must lie in [0, 1]: use a painted mask, not an image")
     if not bool(m.any()):

@@ -23,14 +23,14 @@ SIGMA = 0.155
 SAETestTinySD15 = model_node("SAETestTinySD15", tiny_sd15_patcher)
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
     import comfy.sd
     import comfy.taesd.taesd
     import torch
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for key, value in comfy.taesd.taesd.TAESD(latent_channels=4).state_dict().items():
+    for key, value in comfy.taesd.taesd.TAESD(latent_channels=latent_channels).state_dict().items():
         if key == "vae_scale":
             sd[key] = torch.ones_like(value)
         elif key == "vae_shift":
@@ -174,3 +174,56 @@ def test_unknown_site_and_bad_folder_are_node_errors_named_by_kind(image_comfy):
     failure = raised.value.details
     assert failure["exception_type"].endswith(".InputError")
     assert "inside ComfyUI's output folder" in failure["exception_message"]
+
+
+def _capture_error(images=None, vae=None, **inputs) -> str:
+    """The node's error for a capture of the tiny U-Net with these images / VAE / inputs, called as ComfyUI does."""
+    import nodes
+    import torch
+
+    from tiny_comfy_models import random_conditioning
+
+    model = SAETestTinySD15().load(0)[0]
+    positive, _ = random_conditioning(model, seed=1)
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1)) if images is None else images
+    arguments = {"site": SITE, "sigma": SIGMA, "pool": "mean", "folder": "sae_activations/img_refused", "seed": 0,
+                 "positive": positive, **inputs}
+    node = nodes.NODE_CLASS_MAPPINGS["SAECaptureFromImages"]
+    with pytest.raises(ValueError) as raised, torch.inference_mode():
+        node.execute(model, tiny_vae(0) if vae is None else vae, images, **arguments)
+    assert type(raised.value).__name__ == "InputError"
+    return str(raised.value)
+
+
+def test_a_vae_whose_latents_the_model_cannot_take_is_refused_naming_both_channel_counts(image_comfy):
+    message = _capture_error(vae=tiny_vae(0, latent_channels=16))
+    assert "the VAE makes 16-channel latents but the model takes 4 channels" in message
+
+
+def test_images_that_are_not_a_comfyui_image_batch_are_refused_naming_the_input(image_comfy):
+    import torch
+
+    assert "images shaped (2, 3, 64, 64) are not ComfyUI images" in _capture_error(torch.rand(2, 3, 64, 64))
+    assert "images of dtype torch.uint8" in _capture_error(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    assert "images hold NaN" in _capture_error(torch.full((2, 64, 64, 3), float("nan")))
+    assert "smaller than one latent" in _capture_error(torch.rand(2, 4, 4, 3))
+
+
+def test_conditioning_encoded_for_another_model_is_refused_naming_both_widths(image_comfy):
+    import torch
+
+    foreign = [[torch.zeros(1, 8, 48), {}]]
+    assert "positive has 48-wide text tokens but the model takes 64" in _capture_error(positive=foreign)
+
+
+def test_the_shards_folder_output_is_the_folder_inside_output_that_train_dictionary_takes(image_comfy):
+    import nodes
+    import torch
+
+    node = nodes.NODE_CLASS_MAPPINGS["SAECaptureFromImages"]
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        summary, folder = node.execute(SAETestTinySD15().load(0)[0], tiny_vae(0), images, SITE, SIGMA, "mean",
+                                       "sae_activations/img_for_train", 0).result
+    assert folder == "sae_activations/img_for_train"
+    assert "into output/sae_activations/img_for_train" in summary

@@ -524,6 +524,50 @@ def test_a_dictionary_file_missing_from_models_sae_is_refused_before_the_graph_r
     assert "'gone.safetensors' is not in models/sae" in error["details"]
 
 
+def test_load_dictionary_run_directly_takes_only_a_file_that_models_sae_lists(comfy, captured):
+    """What validate_inputs refuses in a queued workflow, execute refuses too: no file by another path."""
+    import nodes
+
+    load = nodes.NODE_CLASS_MAPPINGS["SAELoadDictionary"]
+    for name in ("../tiny_db0.safetensors", str(comfy.sae_dir / "tiny_db0.safetensors"), "(none)"):
+        with pytest.raises(ValueError) as raised:
+            load.execute(name)
+        assert type(raised.value).__name__ == "InputError" and "models/sae" in str(raised.value)
+    assert load.execute("tiny_db0.safetensors").result[0].d_in == 64
+
+
+def train_from_folder(shards_folder: str) -> dict:
+    return {"11": {"class_type": "SAETrainDictionary", "inputs": {
+        "kind": "topk", "k": 4, "expansion": 2, "steps": 2, "lr": 0.001, "batch_size": 16, "name": "from_folder",
+        "shards_folder": shards_folder}}}
+
+
+def test_train_reads_a_shards_folder_only_inside_the_output_folder(comfy, captured, tmp_path):
+    import shutil
+
+    _, inside = captured
+    outside = shutil.copytree(inside, tmp_path / "shards")  # real shards, outside ComfyUI's output folder
+    for folder, reason in ((str(outside), "is not a relative path"), ("~", "is not a relative path"),
+                           (f"../../../../../../../..{outside}", "leaves ComfyUI's output folder")):
+        with pytest.raises(comfy.GraphError) as raised:
+            comfy.execute_graph(train_from_folder(folder))
+        failure = raised.value.details
+        assert failure["exception_type"] == "diffusion_sae.InputError", failure
+        assert failure["exception_message"].startswith(f"shards_folder {folder!r} {reason}")
+    history = comfy.execute_graph(train_from_folder("sae_activations/graph_test"))
+    assert "saved as from_folder.safetensors" in history["outputs"]["11"]["text"][0]
+
+
+def test_a_missing_shards_folder_is_named_as_the_workflow_names_it(comfy, captured):
+    import folder_paths
+
+    with pytest.raises(comfy.GraphError) as raised:
+        comfy.execute_graph(train_from_folder("sae_activations/never_captured"))
+    message = raised.value.details["exception_message"]
+    assert "'sae_activations/never_captured'" in message
+    assert str(Path(folder_paths.get_output_directory()).resolve()) not in message
+
+
 def test_feature_id_out_of_range_is_a_node_error(comfy, captured):
     message = _node_error(comfy, steered_graph("tiny_db0.safetensors", 1.0, features="0, 999"))
     assert "feature 999 is out of range" in message

@@ -237,6 +237,17 @@ def test_empty_mask_is_refused():
         Steer((3,), (1.0,), mask=torch.zeros(8, 8))
 
 
+@pytest.mark.parametrize("mask, message", [
+    (torch.zeros(0, 0), r"the mask has no pixels \(shape \(0, 0\)\): paint the region to steer"),
+    (torch.zeros(8, 0), r"the mask has no pixels \(shape \(8, 0\)\)"),
+    (torch.full((8, 8), float("nan")), r"mask values must lie in \[0, 1\]"),
+    (torch.ones(1, 8, 8), r"an \(H, W\) map, got shape \(1, 8, 8\)"),
+])
+def test_a_mask_without_pixels_or_of_another_shape_or_range_is_refused_with_the_fix(mask, message):
+    with pytest.raises(SteerError, match=message):
+        Steer((3,), (1.0,), mask=mask)
+
+
 def test_unknown_mode_and_units_are_refused():
     with pytest.raises(SteerError, match="unknown steering mode 'boost'"):
         Steer((3,), (1.0,), mode="boost")
