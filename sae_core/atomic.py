@@ -4,15 +4,19 @@ Everything the engine writes (dictionaries, checkpoints, activation shards)
 goes through :func:`atomic_write`: write to a temporary file in the same
 directory, flush it to disk, then ``os.replace`` it over the target. A kill or
 a full disk part-way leaves the previous file untouched and no stray temp file.
+A write that fails (full disk, no permission) is a :class:`WriteError`, also
+when safetensors reports it as its own error rather than an ``OSError``.
 """
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -60,7 +64,24 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tenso
     """``safetensors`` save through :func:`atomic_write`; metadata values become strings."""
     blobs = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in metadata.items()}
-    return atomic_write(path, lambda tmp: save_file(blobs, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: _save_file(blobs, tmp, meta))
+
+
+_OS_ERROR_CODE = re.compile(r"(?:os error|code:) ?(\d+)")
+"""The errno in safetensors' I/O messages: "... (os error 28)" (0.5 on) or "Os { code: 28, ... }" (before)."""
+
+
+def _save_file(blobs: Mapping[str, Tensor], tmp: str, meta: Mapping[str, str]) -> None:
+    """``save_file``, whose failed writes (a full disk included) are raised as ``SafetensorError``, with the
+    errno only in the text: turn those into the ``OSError`` they are, so that :func:`atomic_write` reports them."""
+    try:
+        save_file(blobs, tmp, metadata=meta)
+    except SafetensorError as err:
+        found = _OS_ERROR_CODE.search(str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from err
 
 
 def _remove_quietly(path: str) -> None:

@@ -31,13 +31,23 @@ Shard layout: tensors ``activations (N, d)`` (float16, bfloat16 or float32),
 ``sample_id (N,) int64`` (which generated image / real image), ``token (N,)
 int64`` (position in the site's token sequence) and ``timestep (N,) float32``
 (the sigma it was captured at); header metadata ``format="diffusion-sae-shard"``,
-``version="1"``, the site as JSON, the dtype and the largest sample id.
+``version="1"``, the site as JSON, the dtype, the largest sample id and a
+``crc32`` of the tensors' bytes (checked when the shard is read; shards written
+before it was added are read without it).
+
+The manifest is checked when a reader opens the directory, against each
+shard's header (cheap: no data is read): every entry names a file directly
+inside the directory, once, whose rows, width, dtype, site and tensors are what
+the manifest says, and the counts add up. Anything else is a ShardError that
+names the manifest and the fix, so a damaged or hand-edited manifest can
+neither read files from elsewhere nor feed training other data than it lists.
 """
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
@@ -45,7 +55,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .atomic import atomic_write, save_safetensors_atomic
-from .errors import ConfigError, ShardError
+from .errors import ConfigError, ShardError, WriteError
 from .sites.site import Site
 
 FORMAT = "diffusion-sae-shard"
@@ -53,6 +63,11 @@ VERSION = "1"
 MANIFEST = "manifest.json"
 PROVENANCE = ("sample_id", "token", "timestep")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_STORED_AS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+"""safetensors' name of each activation dtype, as a header states it."""
+_PROVENANCE_STORED_AS = {"sample_id": "I64", "token": "I64", "timestep": "F32"}
+CHECKSUM = "crc32"
+_REBUILD = "reopen the directory with ShardWriter and close() to rebuild the manifest from its shards"
 _SHARD_NAME = re.compile(r"^shard_(\d+)\.safetensors$")
 _FLOAT16_MAX = 65504.0
 
@@ -159,8 +174,32 @@ class ActivationBuffer:
 # ----------------------------------------------------------------------------- on disk: layout
 
 
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
 def _damaged(path: Path, why: Any) -> ShardError:
-    return ShardError(f"{path}: activation shard is truncated or damaged ({why}); delete it and run capture again")
+    return ShardError(f"{path}: activation shard is truncated or damaged ({_one_line(why)}); delete it and run "
+                      "capture again")
+
+
+def _checksum(rows: Rows) -> str:
+    """CRC-32 of the bytes of a shard's tensors, in a fixed order: a flipped bit in the data is found on reading
+    (about 4 GB/s, little next to reading the shard)."""
+    crc = 0
+    for name in ("activations", *PROVENANCE):
+        crc = zlib.crc32(rows[name].contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
+def _parse_site(data: Any) -> Site:
+    """A site from its JSON form; a ValueError says what is malformed (callers name the file and the fix)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"the site is {type(data).__name__}, not a JSON object")
+    try:
+        return Site.from_dict(data)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"the site is malformed ({_one_line(err)})") from err
 
 
 def _shard_paths(directory: Path) -> list[Path]:
@@ -169,33 +208,60 @@ def _shard_paths(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _shard_header(path: Path) -> dict[str, Any]:
-    """The manifest entry of one shard, from its header alone (cheap; detects truncation)."""
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """A safetensors file's metadata and each tensor's (dtype, shape), from its header alone."""
+    if not path.is_file():  # a folder or a pipe is no shard (and opening a pipe would wait forever)
+        raise _damaged(path, "not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = set(f.keys())
-            shape = f.get_slice("activations").get_shape() if "activations" in names else None
+            meta = dict(f.metadata() or {})
+            tensors = {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}
     except Exception as err:  # safetensors reports truncation and garbage as various errors
         raise _damaged(path, err) from err
-    if meta.get("format") != FORMAT or shape is None or len(shape) != 2 or not set(PROVENANCE) <= names:
+    return meta, tensors
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, tuple[str, list[int]]], dtype: str) -> tuple[int, int]:
+    """``(rows, width)`` of a shard whose tensors have the names, dtypes and shapes of the layout."""
+    expected = {"activations": (_STORED_AS[dtype], 2), **{p: (_PROVENANCE_STORED_AS[p], 1) for p in PROVENANCE}}
+    for name, (stored_as, rank) in expected.items():
+        if name not in tensors:
+            raise _damaged(path, f"it has no tensor '{name}'")
+        got, shape = tensors[name]
+        if got != stored_as or len(shape) != rank:
+            raise _damaged(path, f"tensor '{name}' is {got} shaped {shape}, not {stored_as} of rank {rank}")
+    rows, width = tensors["activations"][1]
+    for name in PROVENANCE:
+        if tensors[name][1] != [rows]:
+            raise _damaged(path, f"tensor '{name}' holds {tensors[name][1][0]} entries for {rows} vectors")
+    return rows, width
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """The manifest entry of one shard (file, tokens, d, dtype, site, max_sample_id), from its header alone
+    (cheap; detects truncation, garbage and tensors of another name, dtype or shape)."""
+    meta, tensors = _read_header(path)
+    if meta.get("format") != FORMAT:
         raise _damaged(path, f"not a '{FORMAT}' file")
+    dtype = meta.get("dtype")
+    if dtype not in DTYPES:
+        raise _damaged(path, f"its header states dtype {dtype!r}, not one of {', '.join(DTYPES)}")
+    rows, width = _check_tensors(path, tensors, dtype)
     try:
-        return {
-            "file": path.name,
-            "tokens": int(shape[0]),
-            "d": int(shape[1]),
-            "dtype": meta["dtype"],
-            "site": json.loads(meta["site"]),
-            "max_sample_id": int(meta["max_sample_id"]),
-        }
-    except (KeyError, ValueError) as err:
-        raise _damaged(path, f"header field {err}") from err
+        site = _parse_site(json.loads(meta["site"]))
+        max_sample_id = int(meta["max_sample_id"])
+    except KeyError as err:
+        raise _damaged(path, f"its header has no {err}") from err
+    except (ValueError, RecursionError) as err:
+        raise _damaged(path, f"a header field is malformed: {err}") from err
+    return {"file": path.name, "tokens": rows, "d": width, "dtype": dtype, "site": site,
+            "max_sample_id": max_sample_id}
 
 
 def _remove_stray_temps(directory: Path) -> None:
-    """Temp files of writes that were killed half-way (see :func:`sae_core.atomic.atomic_write`)."""
-    for pattern in (".shard_*.tmp", f".{MANIFEST}.*.tmp"):
+    """Temp files of writes that were killed half-way: ours (see :func:`sae_core.atomic.atomic_write`) and the
+    one safetensors itself writes before renaming it over ours (``.tmp`` and six characters)."""
+    for pattern in (".shard_*.tmp", f".{MANIFEST}.*.tmp", ".tmp??????"):
         for path in directory.glob(pattern):
             path.unlink(missing_ok=True)
 
@@ -240,7 +306,11 @@ class ShardWriter:
         self.whole_adds = whole_adds
         self.dtype = dtype
         self._dtype_name = _dtype_name(dtype)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(f"could not create the shard directory {self.directory} ({_one_line(err)}): choose "
+                             "another folder") from err
         _remove_stray_temps(self.directory)
         self._shards = [_shard_header(p) for p in _shard_paths(self.directory)]
         self.d = self._check_existing()
@@ -261,9 +331,9 @@ class ShardWriter:
     def _check_existing(self) -> Optional[int]:
         for shard in self._shards:
             where = self.directory / shard["file"]
-            if Site.from_dict(shard["site"]) != self.site:
+            if shard["site"] != self.site:
                 raise ShardError(
-                    f"{where} holds activations of site {Site.from_dict(shard['site'])}, not {self.site}: "
+                    f"{where} holds activations of site {shard['site']}, not {self.site}: "
                     "capture each site into its own directory"
                 )
             if shard["dtype"] != self._dtype_name:
@@ -283,9 +353,11 @@ class ShardWriter:
 
     def _previous_extra(self) -> dict[str, Any]:
         try:
-            return dict(json.loads((self.directory / MANIFEST).read_text()).get("extra") or {})
-        except (OSError, ValueError, AttributeError):
+            manifest = json.loads((self.directory / MANIFEST).read_text())
+        except (OSError, ValueError, RecursionError):
             return {}  # no or damaged manifest: it is rebuilt from the shards
+        extra = manifest.get("extra") if isinstance(manifest, dict) else None
+        return dict(extra) if isinstance(extra, dict) else {}
 
     @property
     def n_tokens(self) -> int:
@@ -338,11 +410,12 @@ class ShardWriter:
             "site": json.dumps(self.site.to_dict()),
             "dtype": self._dtype_name,
             "max_sample_id": int(shard["sample_id"].max()),
+            CHECKSUM: _checksum(shard),
         }
         save_safetensors_atomic(path, shard, meta)
         self._shards.append({
             "file": path.name, "tokens": n, "d": self.d, "dtype": self._dtype_name,
-            "site": self.site.to_dict(), "max_sample_id": meta["max_sample_id"],
+            "site": self.site, "max_sample_id": meta["max_sample_id"],
         })
         self._pending = [rest] if _n(rest) else []
         self._pending_tokens = _n(rest)
@@ -382,24 +455,121 @@ class ShardWriter:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of ``directory``, checked against its shards' headers (see the module docstring)."""
     if not directory.is_dir():
         raise ShardError(f"activation directory {directory} does not exist: run capture first or check the path")
     path = directory / MANIFEST
     if not path.exists():
         if _shard_paths(directory):
-            raise ShardError(f"{directory} has shards but no {MANIFEST}: reopen it with ShardWriter and close() to rebuild it")
+            raise ShardError(f"{directory} has shards but no {MANIFEST}: {_REBUILD}")
         raise ShardError(f"no activation shards in {directory}: run capture first")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ShardError(f"{path} is damaged ({err}): reopen the directory with ShardWriter and close() to rebuild it") from err
+    except (OSError, ValueError, RecursionError) as err:
+        raise ShardError(f"{path} is damaged ({_one_line(err) or type(err).__name__}): {_REBUILD}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path} is not a '{FORMAT}' manifest: point at a directory written by ShardWriter")
     if manifest.get("version") != VERSION:
-        raise ShardError(f"{path} has shard format version {manifest.get('version')!r}; this engine reads {VERSION!r}: update it")
-    if not manifest.get("n_tokens"):
-        raise ShardError(f"{directory} holds no activation vectors: run capture again (it wrote none)")
-    return manifest
+        raise ShardError(f"{path} has shard format version {_short(manifest.get('version'))}; this engine reads "
+                         f"{VERSION!r}: update it")
+    return _ManifestCheck(directory, path).run(manifest)
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON integer >= 0 (not a bool, a float or a string of digits)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: Any) -> str:
+    """A manifest value as a message may quote it: one line, bounded."""
+    text = _one_line(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _ManifestCheck:
+    """Checks one manifest: its fields' types, its entries' files, and each entry against its shard's header."""
+
+    def __init__(self, directory: Path, path: Path):
+        self.directory, self.path = directory, path
+
+    def lie(self, what: str) -> ShardError:
+        return ShardError(f"{self.path}: {what}; {_REBUILD}")
+
+    def run(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        n_tokens, entries = manifest.get("n_tokens"), manifest.get("shards")
+        if not _is_count(n_tokens):
+            raise self.lie(f"'n_tokens' is {_short(n_tokens)}, not a count of vectors")
+        if not isinstance(entries, list):
+            raise self.lie(f"'shards' is {_short(entries)}, not a list of shard entries")
+        if n_tokens == 0 and not entries:
+            raise ShardError(f"{self.directory} holds no activation vectors: run capture again (it wrote none)")
+        d, dtype, extra = manifest.get("d"), manifest.get("dtype"), manifest.get("extra")
+        if not _is_count(d) or d == 0:
+            raise self.lie(f"'d' is {_short(d)}, not a vector width")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self.lie(f"'dtype' is {_short(dtype)}, not one of {', '.join(DTYPES)}")
+        if extra is not None and not isinstance(extra, dict):
+            raise self.lie(f"'extra' is {_short(extra)}, not a JSON object")
+        try:
+            site = _parse_site(manifest.get("site"))
+        except ValueError as err:
+            raise self.lie(str(err)) from err
+        shards = self.entries(entries)
+        listed = sum(entry["tokens"] for entry in shards)
+        if listed != n_tokens:
+            raise self.lie(f"'n_tokens' is {n_tokens} but its shards list {listed} vectors")
+        for entry in shards:
+            self.against_header(entry, d, dtype, site)
+        return {**manifest, "site": site.to_dict(), "shards": shards}
+
+    def entries(self, entries: list[Any]) -> list[dict[str, Any]]:
+        """Each entry as ``{"file", "tokens"}``: a bare name of a distinct regular file in the directory."""
+        seen: dict[Path, int] = {}
+        shards = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise self.lie(f"shard entry {index} is {_short(entry)}, not an object with 'file' and 'tokens'")
+            name, tokens = entry.get("file"), entry.get("tokens")
+            if not _is_count(tokens):
+                raise self.lie(f"shard entry {index} has 'tokens' {_short(tokens)}, not a count of vectors")
+            resolved = self.inside(index, name)
+            if resolved in seen:
+                raise self.lie(f"shard entry {index} ({_short(name)}) is the file of entry {seen[resolved]} again: "
+                               "each shard may be listed once")
+            seen[resolved] = index
+            shards.append({"file": name, "tokens": tokens})
+        return shards
+
+    def inside(self, index: int, name: Any) -> Path:
+        """The real path of the file ``name`` names, which must lie directly inside the directory."""
+        escapes = self.lie(f"shard entry {index} names {_short(name)}, which is not a file directly inside "
+                           f"{self.directory} (a manifest lists its own folder's shards by bare file name)")
+        plain = isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+        if not plain or PurePosixPath(name).name != name or PureWindowsPath(name).name != name:
+            raise escapes
+        try:
+            resolved = (self.directory / name).resolve(strict=True)
+        except FileNotFoundError as err:
+            raise ShardError(f"{self.directory / name} is listed in {MANIFEST} but missing: {_REBUILD}, or run "
+                             "capture again") from err
+        except (OSError, RuntimeError) as err:  # a link loop, a name too long
+            raise escapes from err
+        if resolved.parent != self.directory.resolve():
+            raise escapes  # a link that leads out of the folder
+        return resolved
+
+    def against_header(self, entry: dict[str, Any], d: int, dtype: str, site: Site) -> None:
+        """The entry, and the manifest's width, dtype and site, are what the shard's own header says."""
+        header = _shard_header(self.directory / entry["file"])
+        name = entry["file"]
+        if header["tokens"] != entry["tokens"]:
+            raise self.lie(f"it lists {name} with {entry['tokens']} vectors, but the shard holds {header['tokens']}")
+        if header["d"] != d or header["dtype"] != dtype:
+            raise self.lie(f"it states {dtype} vectors of width {d}, but {name} holds {header['dtype']} vectors of "
+                           f"width {header['d']}")
+        if header["site"] != site:
+            raise self.lie(f"it states site {site}, but {name} holds site {header['site']} (keep each site's shards "
+                           "in their own folder)")
 
 
 def _pass_seed(seed: int, index: int, rank: int) -> int:
@@ -531,18 +701,23 @@ class ShardReader:
         return batches, _take(pool, order[n_batches * size:])
 
     def _load(self, entry: Mapping[str, Any]) -> Rows:
+        """A shard's rows, as its manifest entry and header promise, and as its checksum says they were written."""
         path = self.directory / entry["file"]
         if not path.exists():
-            raise ShardError(
-                f"{path} is listed in {MANIFEST} but missing: reopen the directory with ShardWriter and close() to "
-                "rebuild the manifest, or run capture again"
-            )
+            raise ShardError(f"{path} is listed in {MANIFEST} but missing: {_REBUILD}, or run capture again")
+        if not path.is_file():
+            raise _damaged(path, "not a regular file")
         try:
             with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
                 rows = {name: f.get_tensor(name) for name in ("activations", *PROVENANCE)}
         except Exception as err:  # truncation, garbage, missing tensors: all mean "re-capture this shard"
             raise _damaged(path, err) from err
         n = int(entry["tokens"])
         if rows["activations"].shape != (n, self.d) or any(rows[p].shape != (n,) for p in PROVENANCE):
             raise _damaged(path, f"expected {n} vectors of width {self.d}")
+        if rows["activations"].dtype != self.dtype:
+            raise _damaged(path, f"its activations are {rows['activations'].dtype}, not {self.dtype}")
+        if CHECKSUM in meta and meta[CHECKSUM] != _checksum(rows):
+            raise _damaged(path, "its data does not match the checksum in its header")
         return rows

@@ -7,9 +7,11 @@ reconstructs badly. Both share what a long job needs:
 * data: a tensor ``(N, d)`` (shuffled per epoch with the seed), a callable
   returning a fresh iterable, or a re-iterable (list, shard reader); batches
   are tensors ``(..., d)`` or mappings with ``"activations"`` (+ provenance);
-* batches with NaN or inf are rejected, counted and logged, never trained on; once at least
-  ``REJECT_LIMIT`` batches are rejected and they are more than three quarters of all batches drawn,
-  the run ends with a TrainingError (the data has no usable batches: looping on would never end);
+* batches with NaN or inf are rejected, counted and logged, never trained on: a rejected batch
+  changes no weight, optimiser state, step count, learning rate or initial statistics (its finite
+  rows included), so inserting one into the data leaves the result bit for bit the same; once at
+  least ``REJECT_LIMIT`` batches are rejected and they are more than three quarters of all batches
+  drawn, the run ends with a TrainingError (the data has no usable batches: looping on would never end);
 * checkpoints every N steps, written atomically; rerunning with the same
   ``checkpoint_dir`` resumes and gives the same result as an uninterrupted run;
 * progress through a callback (tqdm in the CLI, ComfyUI's ProgressBar in nodes);
@@ -26,10 +28,16 @@ gradients over the processes before clipping (one all-reduce of a flat bucket
 that also carries the firing counts, the BatchTopK batch threshold and the
 logged metrics), so every process holds the same dictionary, optimiser, dead
 latent mask and history. A batch with NaN or inf on any process makes every
-process skip that step (each counts it as rejected). Only rank 0 writes
-checkpoints while the others wait; on resume every process loads the same
-checkpoint (``checkpoint_dir`` must be on a filesystem they share) and skips
-the same number of its own batches. ITDA grows its dictionary on one process.
+process skip that step: the bad batches are rejected (the count, the same on
+every process, is over all processes) and the good batches of the other
+processes wait for the next step, so no good batch is lost and the result is
+the one without the bad batches. A process that finds no usable data to start
+from, or a batch of another width, stops every process with a TrainingError
+(instead of leaving the others waiting). Only rank 0 writes checkpoints while
+the others wait; a checkpoint records how many batches each process consumed,
+and on resume every process loads the same checkpoint (``checkpoint_dir`` must
+be on a filesystem they share) and skips its own count. ITDA grows its
+dictionary on one process.
 """
 from __future__ import annotations
 
@@ -247,10 +255,10 @@ def train_dictionary(
     if world > 1:
         _check_same_start(resumed_from, ckpt_path, device)
 
-    stream = _Stream(data, config, skip=state["consumed"])
+    stream = _Stream(data, config, skip=_consumed_by(state, rank, world))
     pending: list[Any] = []
     if model is None:
-        sample = _init_sample(data, stream, pending, config)
+        sample = _init_sample_together(data, stream, pending, config, world, device)
         model = _build(config, sample, site or Site()).to(device)
         if world > 1:  # rank 0's init sample defines normalisation and b_dec for all
             with torch.no_grad():
@@ -274,10 +282,14 @@ def train_dictionary(
         x = provenance = None
         if batch is not None:
             x, provenance = _batch_tensor(batch)
-            if x.shape[-1] != model.d_in:
-                raise TrainingError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={model.d_in}; all batches must come from one site")
-        bad = x is not None and not torch.isfinite(x).all()
-        exhausted, rejected = (batch is None, bad) if world == 1 else _agree(batch is None, bad, device)
+        wrong_width = x is not None and x.shape[-1] != model.d_in
+        bad = x is not None and not wrong_width and not torch.isfinite(x).all()
+        if world == 1:
+            exhausted, n_bad, any_wrong_width = batch is None, int(bad), wrong_width
+        else:
+            exhausted, n_bad, any_wrong_width = _agree(batch is None, bad, wrong_width, device)
+        if any_wrong_width:
+            raise _wrong_width(stream.consumed, x.shape[-1] if wrong_width else None, model.d_in)
         if exhausted:
             if batch is None:
                 log.warning("data exhausted after %d steps (of %d)%s", state["step"], config.total_steps,
@@ -285,14 +297,17 @@ def train_dictionary(
             else:
                 log.info("stopping after %d steps: another rank's data is exhausted", state["step"])
             break
-        if rejected:
-            state["rejected"] += 1
+        if n_bad:
+            state["rejected"] += n_bad
             if bad:
                 log.warning("rejected batch %d: it contains NaN or inf (%d rejected so far)%s", stream.consumed,
                             state["rejected"], f" on rank {rank}; every rank skips this step" if world > 1 else "")
-            if _too_many_rejected(state["rejected"], state["step"]):
+            else:  # another process's batch was rejected: this good one waits for the next step
+                pending.insert(0, batch)
+            trained = state["step"] * world
+            if _too_many_rejected(state["rejected"], trained):
                 raise TrainingError(
-                    f"{state['rejected']} of the {state['rejected'] + state['step']} batches drawn contained NaN or inf "
+                    f"{state['rejected']} of the {state['rejected'] + trained} batches drawn contained NaN or inf "
                     "and were rejected: the data has no usable batches (NaN rows are spread by shuffling into every "
                     "batch); remove the damaged shards or capture again")
             continue
@@ -312,6 +327,8 @@ def train_dictionary(
                 log.info("step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
         state["consumed"] = stream.consumed - len(pending)
         if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == config.total_steps):
+            if world > 1:
+                state["consumed_by_rank"] = _gather_counts(state["consumed"], rank, world, device)
             if rank == 0:
                 _save_checkpoint(ckpt_path, model, optimizer, tracker, state)
             distributed.barrier()  # nobody runs ahead of a checkpoint being written
@@ -335,12 +352,39 @@ def _check_same_start(resumed_from: int | None, ckpt_path: Path | None, device: 
         )
 
 
-def _agree(exhausted: bool, bad: bool, device: str) -> tuple[bool, bool]:
-    """(any process out of data, any process's batch non-finite): every process takes the same branch."""
-    flags = torch.tensor([float(exhausted), float(bad)], device=device)
-    distributed.all_reduce_max_([flags])
-    exhausted, bad = flags.tolist()
-    return bool(exhausted), bool(bad)
+def _agree(exhausted: bool, bad: bool, wrong_width: bool, device: str) -> tuple[bool, int, bool]:
+    """(any process out of data, how many processes hold a non-finite batch, any process's batch of another
+    width): every process takes the same branch and counts the same rejections."""
+    flags = torch.tensor([float(exhausted), float(bad), float(wrong_width)], dtype=torch.float64, device=device)
+    distributed.all_reduce_sum_([flags])
+    exhausted, n_bad, wrong_width = flags.tolist()
+    return exhausted > 0, int(n_bad), wrong_width > 0
+
+
+def _wrong_width(consumed: int, width: int | None, d_in: int) -> TrainingError:
+    """The batch of another site's width, on this process (``width``) or on another (None)."""
+    if width is None:
+        return TrainingError(f"another process drew a batch whose width is not the dictionary's d_in={d_in} (see its "
+                             "error); all batches must come from one site")
+    return TrainingError(f"batch {consumed} has width {width} but the dictionary has d_in={d_in}; all batches must "
+                         "come from one site")
+
+
+def _gather_counts(count: int, rank: int, world: int, device: str) -> list[int]:
+    """Every process's ``count``, by rank (an all-reduce of one-hot vectors: exact below 2**53)."""
+    counts = torch.zeros(world, dtype=torch.float64, device=device)
+    counts[rank] = count
+    distributed.all_reduce_sum_([counts])
+    return [int(c) for c in counts.tolist()]
+
+
+def _consumed_by(state: dict, rank: int, world: int) -> int:
+    """Batches this process had consumed at the checkpoint. Processes may differ (a good batch waits while
+    another process's bad one is rejected); checkpoints of one process, or of earlier versions, hold one count."""
+    by_rank = state.get("consumed_by_rank")
+    if isinstance(by_rank, list) and len(by_rank) == world:
+        return int(by_rank[rank])
+    return int(state["consumed"])
 
 
 def _from_rank0(value: float, device: str) -> float:
@@ -359,9 +403,33 @@ def _too_many_rejected(rejected: int, trained: int) -> bool:
     return rejected >= REJECT_LIMIT and rejected > 3 * trained
 
 
+def _init_sample_together(data: Data, stream: _Stream, pending: list, config: TrainConfig, world: int,
+                          device: str) -> Tensor:
+    """:func:`_init_sample` on every process; if any process cannot start (no usable data, a batch of another
+    width), every process raises (the others would otherwise wait for it forever in the broadcast of rank 0's
+    dictionary)."""
+    if world == 1:
+        return _init_sample(data, stream, pending, config)
+    try:
+        sample, error = _init_sample(data, stream, pending, config), None
+    except TrainingError as err:
+        sample, error = None, err
+    failed = torch.tensor([float(error is not None)], device=device)
+    distributed.all_reduce_max_([failed])
+    if error is not None:
+        raise error
+    if float(failed):
+        raise TrainingError("another process could not start training (see its error): every process needs "
+                            "finite batches of one width; check that process's data")
+    return sample
+
+
 def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig) -> Tensor:
     """Activations to fit normalisation and b_dec on: a seeded random subset of a
-    tensor, or the first batches of a stream (which are then trained on as usual)."""
+    tensor, or the first batches of a stream (which are then trained on as usual).
+
+    A stream's batches with NaN or inf are left out whole, finite rows included: the training loop rejects
+    them, and a rejected batch must not shape the dictionary through its statistics either."""
     if isinstance(data, Tensor):
         gen = torch.Generator().manual_seed(config.seed)
         idx = torch.randperm(data.shape[0], generator=gen)[: config.init_tokens]
@@ -371,19 +439,22 @@ def _init_sample(data: Data, stream: _Stream, pending: list, config: TrainConfig
             raise TrainingError("no finite activations to train on: the data is empty or all NaN/inf")
         return sample
     rows: list[Tensor] = []
-    count = empty = 0
-    while count < config.init_tokens and empty < REJECT_LIMIT:
+    width: int | None = None
+    count = unusable = 0
+    while count < config.init_tokens and not _too_many_rejected(unusable, len(pending) - unusable):
         batch = stream.next()
         if batch is None:
             break
         pending.append(batch)
         x, _ = _batch_tensor(batch)
-        if rows and x.shape[-1] != rows[0].shape[-1]:
-            raise TrainingError(f"batch {stream.consumed} has width {x.shape[-1]} but the dictionary has d_in={rows[0].shape[-1]}; all batches must come from one site")
-        x = x[torch.isfinite(x).all(-1)]
+        if width is not None and x.shape[-1] != width:
+            raise _wrong_width(stream.consumed, x.shape[-1], width)
+        width = x.shape[-1]
+        if not x.shape[0] or not torch.isfinite(x).all():
+            unusable += 1  # bounded like rejections: a stream of empty or NaN batches must not keep us here
+            continue
         rows.append(x.float())
         count += x.shape[0]
-        empty = empty + 1 if count == 0 else 0
     if not count:
         raise TrainingError("no finite activations to train on: the data source is empty or all NaN/inf")
     return torch.cat(rows)[: config.init_tokens]

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import sae_core.train as train_module
 from sae_core.config import DictionaryConfig, TrainConfig
 from sae_core.distributed import all_reduce_mean_, barrier, broadcast_, init_from_env, is_main, world
-from sae_core.errors import ConfigError, ShardError
+from sae_core.errors import ConfigError, ShardError, TrainingError
 from sae_core.metrics import evaluate
 from sae_core.shards import ShardReader, ShardWriter
 from sae_core.sites import Site
@@ -135,6 +135,15 @@ def _worker(rank, tmp, port):
     except ConfigError as err:
         report["itda_error"] = str(err)
 
+    # one rank's unusable data must stop both ranks, not leave the other waiting in a collective
+    stopping = TrainConfig.from_dict(dict(kind="topk", k=4, n_latents=64, total_steps=5, batch_size=64, init_tokens=64))
+    all_nan = [torch.full((64, D), float("nan"))] * 2
+    for name, data in (("nan_error", all_nan), ("width_error", [x[:64], x[64:128, :8]])):
+        try:
+            train_dictionary(data if rank == 1 else [x[:64], x[64:128]], stopping)
+        except TrainingError as err:
+            report[name] = str(err)
+
     t = torch.tensor([float(rank)])
     all_reduce_mean_([t])
     u = torch.tensor([float(rank + 10)])
@@ -217,6 +226,15 @@ def test_a_bad_batch_on_one_rank_makes_every_rank_skip_the_step(run):
     # only rank 1's shards hold the NaN; both ranks count the same rejections and train the same steps
     assert r0["full"]["rejected"] == r1["full"]["rejected"] > 0
     assert r0["full"]["history"][-1]["rejected_batches"] == r0["full"]["rejected"]
+    # (that the other ranks' good batches are kept for the next step is tested in tests/test_train_rejects.py)
+
+
+def test_a_rank_without_usable_data_stops_every_rank_with_a_training_error(run):
+    _, (r0, r1) = run
+    assert "no finite activations to train on" in r1["nan_error"]
+    assert r0["nan_error"].startswith("another process could not start training (see its error)")
+    assert r1["width_error"].startswith("batch 2 has width 8 but the dictionary has d_in=16")
+    assert r0["width_error"].startswith("another process drew a batch whose width is not the dictionary's d_in=16")
 
 
 def test_only_rank_0_writes_checkpoints_and_every_rank_resumes_from_it(run):

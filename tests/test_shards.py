@@ -1,6 +1,13 @@
 """Activation capture: the bounded buffer, shards on disk, and the shuffling reader."""
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import resource
+import shutil
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +101,49 @@ def test_a_failed_shard_write_leaves_no_partial_file_and_keeps_the_vectors(tmp_p
     assert ShardReader(tmp_path, batch_size=10).n_tokens == 120
 
 
+def test_a_full_disk_during_a_manifest_update_keeps_the_previous_manifest(tmp_path, monkeypatch):
+    write(tmp_path, samples(2))
+    before = (tmp_path / "manifest.json").read_bytes()
+    real_write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real_write_text(self, '{"format": "diffusion-sae')  # half a manifest
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(WriteError, match="disk full while writing .*manifest.json: free some space"):
+        write(tmp_path, samples(1), first_sample=2)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert (tmp_path / "manifest.json").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+    assert ShardReader(tmp_path, batch_size=10).n_tokens == 100
+
+
+@contextlib.contextmanager
+def file_size_limit(n_bytes):
+    """Writes that would make any file larger than ``n_bytes`` fail for real (EFBIG), as a full disk does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_that_really_fails_in_safetensors_is_a_write_error_and_keeps_the_finished_shards(tmp_path):
+    writer = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
+    writer.add(samples(1, tokens=100)[0], 0, None, 1.0)
+    finished = shard_states(tmp_path)
+    with file_size_limit(2048), pytest.raises(WriteError, match="could not write .*shard_00001.safetensors: File too large"):
+        writer.add(samples(1, tokens=100)[0], 1, None, 1.0)  # safetensors raises its own error, not an OSError
+    assert shard_states(tmp_path) == finished
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard_00000.safetensors"]
+
+
 def test_reopening_appends_after_the_last_shard(tmp_path):
     first, second = samples(5, seed=1), samples(3, seed=2)
     write(tmp_path, first)
@@ -118,12 +168,13 @@ def test_a_killed_capture_resumes_losing_only_its_unflushed_remainder(tmp_path):
         writer.add(acts[i], i, None, 1.0)
     del writer  # killed: the last 50 vectors were never flushed
     (tmp_path / ".shard_00002.safetensors.x1y2.tmp").write_bytes(b"partial")
+    (tmp_path / ".tmpA1b2C3").write_bytes(b"partial, as safetensors names it")
     (tmp_path / "manifest.json").unlink()  # killed between a shard and its manifest update
     finished = shard_states(tmp_path)
     assert sorted(finished) == ["shard_00000.safetensors", "shard_00001.safetensors"]
 
     resumed = ShardWriter(tmp_path, SITE, shard_tokens=100, dtype=torch.float32)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".tmp*"))
     assert resumed.n_tokens == 200
     assert resumed.next_sample_id == 4  # sample 3 straddled the flush; its first half is on disk
     resumed.add(acts[4], resumed.next_sample_id, None, 1.0)
@@ -152,14 +203,97 @@ def test_reopening_with_other_capture_settings_is_refused_and_the_same_ones_resu
     assert same.n_tokens == 3 * 50 and same.extra["capture"]["token_fraction"] == 0.5
 
 
-def test_a_truncated_shard_is_named_with_the_fix(tmp_path):
+def test_a_truncated_shard_is_named_with_the_fix_when_the_folder_is_opened(tmp_path):
     write(tmp_path, samples(5))
     shard = tmp_path / "shard_00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-40])
-    reader = ShardReader(tmp_path, batch_size=10, shuffle=False)
     with pytest.raises(ShardError, match="shard_00001.safetensors: activation shard is truncated or damaged.*delete it and run capture again"):
-        list(reader)
+        ShardReader(tmp_path, batch_size=10, shuffle=False)
     with pytest.raises(ShardError, match="shard_00001.safetensors.*delete it"):
+        ShardWriter(tmp_path, SITE, dtype=torch.float32)
+
+
+def edit_manifest(directory, change):
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_manifest_may_only_list_files_directly_inside_its_own_folder(tmp_path):
+    write(tmp_path / "other", samples(2, seed=9), first_sample=100)
+    outside = tmp_path / "other" / "shard_00000.safetensors"
+    acts = tmp_path / "acts"
+    for name in ["../other/shard_00000.safetensors", str(outside), "sub/shard_00000.safetensors", "..", ""]:
+        write(acts, samples(2))
+        edit_manifest(acts, lambda m: m["shards"][0].update(file=name))
+        with pytest.raises(ShardError, match=r"manifest.json: shard entry 0 names .* not a file directly inside .*"
+                                             r"rebuild the manifest"):
+            ShardReader(acts, batch_size=10)
+        shutil.rmtree(acts)
+    write(acts, samples(2))
+    (acts / "link.safetensors").symlink_to(outside)  # a link that leads out is refused like a path
+    edit_manifest(acts, lambda m: m["shards"][0].update(file="link.safetensors"))
+    with pytest.raises(ShardError, match="shard entry 0 names 'link.safetensors', which is not a file directly inside"):
+        ShardReader(acts, batch_size=10)
+
+
+def test_a_manifest_may_list_each_shard_once(tmp_path):
+    write(tmp_path, samples(4))
+
+    def twice(m):
+        m["shards"][1] = dict(m["shards"][0])
+        m["n_tokens"] = sum(s["tokens"] for s in m["shards"])
+    edit_manifest(tmp_path, twice)
+    with pytest.raises(ShardError, match="shard entry 1 .* is the file of entry 0 again: each shard may be listed once"):
+        ShardReader(tmp_path, batch_size=10)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: (m["shards"][1].update(tokens=99), m.update(n_tokens=249)),
+     "it lists shard_00001.safetensors with 99 vectors, but the shard holds 100"),
+    (lambda m: m.update(d=D + 1), "it states float32 vectors of width 9, but shard_00000.safetensors holds float32 vectors of width 8"),
+    (lambda m: m.update(dtype="float16"), "it states float16 vectors .* holds float32 vectors"),
+    (lambda m: m.update(n_tokens=251), "'n_tokens' is 251 but its shards list 250 vectors"),
+    (lambda m: m.update(n_tokens="250"), "'n_tokens' is '250', not a count of vectors"),
+    (lambda m: m["shards"][0].update(tokens=-100), "shard entry 0 has 'tokens' -100, not a count of vectors"),
+    (lambda m: m.update(shards={"file": "shard_00000.safetensors"}), "'shards' is .*, not a list of shard entries"),
+    (lambda m: m.update(site=["flux"]), "the site is list, not a JSON object"),
+    (lambda m: m["site"].update(block="double_blocks.1"), "it states site .*double_blocks.1.* holds site .*double_blocks.9"),
+])
+def test_a_manifest_that_lies_about_its_shards_is_refused_when_the_folder_is_opened(tmp_path, change, message):
+    write(tmp_path, samples(5))
+    edit_manifest(tmp_path, change)
+    with pytest.raises(ShardError, match=f"manifest.json: {message}.*rebuild the manifest from its shards"):
+        ShardReader(tmp_path, batch_size=10)
+
+
+def test_a_manifest_nested_too_deeply_is_a_shard_error(tmp_path):
+    write(tmp_path, samples(2))
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ShardError, match="manifest.json is damaged .*rebuild the manifest"):
+        ShardReader(tmp_path, batch_size=10)
+
+
+def test_a_flipped_byte_in_a_shards_data_is_found_when_it_is_read(tmp_path):
+    write(tmp_path, samples(2))
+    shard = tmp_path / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10  # in the data, after the header
+    shard.write_bytes(bytes(data))
+    reader = ShardReader(tmp_path, batch_size=10, shuffle=False)  # the header is intact
+    with pytest.raises(ShardError, match="shard_00000.safetensors: .*does not match the checksum in its header\\); delete it"):
+        list(reader)
+
+
+def test_a_pipe_in_place_of_a_shard_is_refused_without_waiting_on_it(tmp_path):
+    write(tmp_path, samples(2))
+    shard = tmp_path / "shard_00000.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(ShardError, match="shard_00000.safetensors: activation shard is truncated or damaged \\(not a regular file\\)"):
+        ShardReader(tmp_path, batch_size=10)
+    with pytest.raises(ShardError, match="not a regular file"):
         ShardWriter(tmp_path, SITE, dtype=torch.float32)
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sae_core import atomic
 from sae_core.config import DictionaryConfig, TrainConfig
-from sae_core.errors import ConfigError, TrainingError
+from sae_core.errors import ConfigError, TrainingError, WriteError
 from sae_core.metrics import evaluate
 from sae_core.synthetic import superposition_data
 from sae_core.train import CHECKPOINT_NAME, train_dictionary
@@ -163,6 +164,29 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(data, tmp_path)
     full = train_dictionary(data, small_config(total_steps=40)).dictionary
     assert resumed.resumed_from_step == 20
     assert torch.equal(resumed.dictionary.W_dec, full.W_dec)
+
+
+def test_a_full_disk_at_a_checkpoint_is_a_write_error_and_the_previous_checkpoint_still_resumes(data, tmp_path,
+                                                                                                 monkeypatch):
+    config = small_config(total_steps=20, checkpoint_every=10)  # checkpoints at steps 10 and 20
+    real_save, before = atomic.save_file, []
+
+    def disk_full_at_step_20(tensors, path, metadata=None):
+        if (tmp_path / CHECKPOINT_NAME).exists():
+            before.append((tmp_path / CHECKPOINT_NAME).read_bytes())
+            Path(path).write_bytes(b"half a checkpoint")  # as safetensors reports a failed write: its own error
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(atomic, "save_file", disk_full_at_step_20)
+    with pytest.raises(WriteError, match="disk full while writing .*checkpoint.safetensors: free some space"):
+        train_dictionary(data, config, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(atomic, "save_file", real_save)
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before[0]
+    resumed = train_dictionary(data, config, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 10
+    assert torch.equal(resumed.dictionary.W_dec, train_dictionary(data, config).dictionary.W_dec)
 
 
 LEGACY_CHECKPOINT_CONFIG = {
