@@ -1,5 +1,6 @@
 """The feature atlas: what a person opening it relies on (right statistics, right images, right words,
-heatmaps where the feature fired, a page that opens offline) and that it scales to large dictionaries."""
+heatmaps where the feature fired, a page that opens offline) and that it scales to large dictionaries.
+The statistics come from the feature index (tests/test_feature_index.py); the page is written from it."""
 import json
 import re
 import time
@@ -9,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sae_core.errors import DictionaryError, InputError
+from sae_core import Site, SparseAutoencoder
+from sae_core.errors import ConfigError, DictionaryError, InputError
+from sae_core.feature_index import DictionaryIdentity, FeatureIndexBuilder
 from sae_core.kernels import SparseCodes
-from training.atlas import AtlasAccumulator
+from sae_core.sites import call_context
+from training.atlas import write_atlas
+from training.atlas_run import build_atlas
 
 GRID = (4, 4)
 TOP_LEFT = [0, 1, 4, 5]  # row-major tokens of the grid's top-left quadrant
@@ -19,6 +24,17 @@ PLANTED = [1.0, 0.5, 0.5, 0.25]  # feature 3's activation on those tokens, times
 # (prompt, strength of feature 3): it fires only on cat images
 IMAGES = [("a cat on grass", 1.0), ("a dog on grass", 0.0), ("a cat in snow", 2.0), ("a dog in snow", 0.0),
           ("the cat sleeps <script>alert(1)</script>", 3.0), ("a bird flies", 0.0)]
+
+
+def builder(folder, n_latents: int, top_m: int = 8) -> FeatureIndexBuilder:
+    identity = DictionaryIdentity(file=None, kind="topk", site="toy:image", d_in=4, n_latents=n_latents,
+                                  fingerprint="planted")
+    return FeatureIndexBuilder(folder, identity, top_m=top_m)
+
+
+def write(atlas: FeatureIndexBuilder, out, title="t", site_name="s", **options):
+    """The page of a build, finishing it first (a finished index is written again as often as asked)."""
+    return write_atlas(atlas.finish(), out, title, site_name, **options)
 
 
 def planted_codes(strength: float) -> SparseCodes:
@@ -34,11 +50,11 @@ def planted_codes(strength: float) -> SparseCodes:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas")
-    atlas = AtlasAccumulator(n_latents=8, top_m=4)
+    atlas = builder(out / "index", n_latents=8, top_m=4)
     gray = np.full((16, 16), 128, dtype=np.uint8)
     ids = [atlas.add(gray, prompt, planted_codes(s), GRID) for prompt, s in IMAGES]
     assert ids == list(range(len(IMAGES)))
-    index = atlas.write(out, title="Planted <atlas>", site_name="toy:image")
+    index = write(atlas, out, title="Planted <atlas>", site_name="toy:image")
     return index, json.loads((out / "atlas.json").read_text())
 
 
@@ -102,7 +118,7 @@ def test_dead_features_are_counted_and_listed(planted):
 
 
 def test_shown_features_are_those_fired_in_most_images_not_most_tokens(tmp_path):
-    atlas = AtlasAccumulator(n_latents=8, top_m=2)
+    atlas = builder(tmp_path / "index", n_latents=8, top_m=2)
     gray = np.zeros((16, 16, 3), dtype=np.uint8)
     for i in range(3):
         # feature 5 covers all of image 0 (frequent), feature 6 one token of every image (widespread)
@@ -111,33 +127,33 @@ def test_shown_features_are_those_fired_in_most_images_not_most_tokens(tmp_path)
         if i == 0:
             values[:, 1], indices[:, 1] = 1.0, 5
         atlas.add(gray, "x", SparseCodes(values, indices), GRID)
-    atlas.write(tmp_path, "t", "s")
+    write(atlas, tmp_path)
     stats = json.loads((tmp_path / "atlas.json").read_text())
     assert stats["frequency"][5] > stats["frequency"][6]
     assert list(stats["features"]) == ["6", "5"]
-    atlas.write(tmp_path / "one", "t", "s", n_features=1)
+    write(atlas, tmp_path / "one", n_features=1)
     assert list(json.loads((tmp_path / "one" / "atlas.json").read_text())["features"]) == ["6"]
-    atlas.write(tmp_path / "min", "t", "s", min_images=2)
+    write(atlas, tmp_path / "min", min_images=2)
     assert list(json.loads((tmp_path / "min" / "atlas.json").read_text())["features"]) == ["6"]
 
 
 def test_top_lists_keep_the_strongest_images_and_free_the_rest(tmp_path):
-    atlas = AtlasAccumulator(n_latents=4, top_m=2)
+    atlas = builder(tmp_path / "index", n_latents=4, top_m=2)
     gray = np.zeros((16, 16), dtype=np.uint8)
     for strength in [5, 9, 1, 7, 3, 8, 2]:  # one feature, firing on every token with this strength
         codes = SparseCodes(torch.full((16, 1), float(strength)), torch.zeros(16, 1, dtype=torch.int64))
         atlas.add(gray, "x", codes, GRID)
     assert atlas.kept_images == 2  # memory holds only what some top list needs
-    atlas.write(tmp_path, "t", "s")
+    write(atlas, tmp_path)
     top = json.loads((tmp_path / "atlas.json").read_text())["features"]["0"]["top_images"]
     assert [(image, peak) for image, peak, _ in top] == [(1, 9.0), (5, 8.0)]
 
 
 def test_images_without_a_grid_get_plain_frames(tmp_path):
-    atlas = AtlasAccumulator(n_latents=4, top_m=2)
+    atlas = builder(tmp_path / "index", n_latents=4, top_m=2)
     pixels = np.full((40, 30, 3), 200, dtype=np.uint8)
     atlas.add(pixels, "pooled", SparseCodes(torch.tensor([[2.0]]), torch.tensor([[1]])), None)
-    index = atlas.write(tmp_path, "t", "s")
+    index = write(atlas, tmp_path)
     strip = np.asarray(Image.open(tmp_path / "features" / "f00001.png").convert("RGB"))
     assert strip.shape[0] >= 96 + 8  # small images are enlarged
     assert (strip[20:60, 20:60] == 200).all()  # the image itself, no overlay
@@ -157,27 +173,75 @@ def test_fifty_thousand_latents_stay_fast(tmp_path, one_thread):
     # a Python loop over latents in add() would take seconds per image here
     n_latents, tokens, k = 50_000, 256, 16
     g = torch.Generator().manual_seed(0)
-    atlas = AtlasAccumulator(n_latents, top_m=8)
+    atlas = builder(tmp_path / "index", n_latents, top_m=8)
     start = time.perf_counter()
     for i in range(6):
         codes = SparseCodes(torch.rand(tokens, k, generator=g), torch.randint(0, n_latents, (tokens, k), generator=g))
         atlas.add(np.zeros((64, 64, 3), dtype=np.uint8), f"image {i} of a big dictionary", codes, (16, 16))
-    atlas.write(tmp_path, "big", "s", n_features=10)
-    assert time.perf_counter() - start < 3.0
+    added = time.perf_counter() - start
+    cpu = time.process_time()
+    write(atlas, tmp_path, "big", n_features=10)
+    # adding an image costs per token, not per latent; writing is one pass over the 50k records (CPU time: the
+    # page files' fsyncs wait on a busy disk, not on this code)
+    assert added < 1.0 and time.process_time() - cpu < 8.0
     stats = json.loads((tmp_path / "atlas.json").read_text())
     assert len(stats["frequency"]) == n_latents and len(stats["features"]) == 10
     assert len(stats["dead"]) == n_latents - int((atlas.images_fired > 0).sum())
 
 
-def test_grid_that_does_not_match_the_tokens_is_refused():
-    atlas = AtlasAccumulator(n_latents=8)
+def test_grid_that_does_not_match_the_tokens_is_refused(tmp_path):
+    atlas = builder(tmp_path, n_latents=8)
     with pytest.raises(InputError, match=r"grid \(4, 5\).*20 cells.*16 tokens"):
         atlas.add(np.zeros((16, 16), dtype=np.uint8), "x", planted_codes(1.0), (4, 5))
 
 
-def test_latent_index_beyond_the_dictionary_is_refused():
-    atlas = AtlasAccumulator(n_latents=8)
+def test_latent_index_beyond_the_dictionary_is_refused(tmp_path):
+    atlas = builder(tmp_path, n_latents=8)
     codes = SparseCodes(torch.ones(16, 1), torch.full((16, 1), 8, dtype=torch.int64))
     with pytest.raises(DictionaryError, match=r"latent index 8 is out of range.*8 latents"):
         atlas.add(np.zeros((16, 16), dtype=np.uint8), "x", codes, GRID)
     assert atlas.n_images == 0  # a refused image leaves no trace
+
+
+class ToyRunner:
+    """A runner whose model calls the site 4 times per generation (uncond and cond rows, as batched guidance lays
+    them out) with tokens made from each sample's seed; it dies after ``die_after`` generations when told to."""
+
+    name = "toy"
+
+    def __init__(self, die_after: int | None = None):
+        self.die_after, self.generated = die_after, []
+
+    def generate(self, prompts, seeds, site_functions):
+        if self.die_after is not None and len(self.generated) >= self.die_after:
+            raise KeyboardInterrupt("killed")
+        self.generated.append(list(prompts))
+        (function,) = site_functions.values()
+        for step, progress in enumerate((0.0, 0.33, 0.66, 1.0)):
+            rows = [torch.randn(16, 8, generator=torch.Generator().manual_seed(s * 10 + step)) for s in seeds]
+            cond = [False] * len(seeds) + [True] * len(seeds)
+            function(torch.stack(rows + rows), call_context(2 * len(seeds), progress=progress, cond=cond).at(GRID))
+        return torch.stack([torch.full((3, 16, 16), (s % 7) / 7) for s in seeds])
+
+
+def test_the_atlas_command_resumes_a_killed_build_and_skips_the_prompts_done(tmp_path):
+    sae = SparseAutoencoder(8, 32, 3, site=Site("toy", "block", "image"), seed=0)
+    prompts = [f"a {colour} {animal}" for colour in ("red", "blue", "green") for animal in ("cat", "dog", "bird")]
+    options = dict(images_per_prompt=1, seed=5, top_m=3, batch_size=2, checkpoint_every=4)
+    build_atlas(ToyRunner(), sae, sae.site, prompts, tmp_path / "whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas(ToyRunner(die_after=3), sae, sae.site, prompts, tmp_path / "broken", **options)
+    rerun = ToyRunner()
+    page = build_atlas(rerun, sae, sae.site, prompts, tmp_path / "broken", **options)
+    assert [p for batch in rerun.generated for p in batch] == prompts[4:]  # the checkpoint held 4 images
+    assert page.read_text() == (tmp_path / "whole" / "index.html").read_text()
+    for name in ("atlas.json", "index/summary.json", "index/features/00000.json"):
+        assert (tmp_path / "broken" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    again = ToyRunner()
+    build_atlas(again, sae, sae.site, prompts, tmp_path / "broken", **options)
+    assert again.generated == []  # a finished index is reused
+    with pytest.raises(ConfigError, match="other settings.*top_m.*pass a new folder, or overwrite"):
+        build_atlas(ToyRunner(), sae, sae.site, prompts, tmp_path / "broken", **{**options, "top_m": 4})
+    overwritten = ToyRunner()
+    build_atlas(overwritten, sae, sae.site, prompts, tmp_path / "broken", **{**options, "top_m": 4}, overwrite=True)
+    assert len(overwritten.generated) == 5

@@ -137,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4. atlas of the TopK SAE over every class prompt
     atlas_prompts = [class_prompt(c) for c in range(len(CLASSES))]
-    index = build_atlas(runner, dictionaries["topk"], site, atlas_prompts, out / "atlas",
+    index = build_atlas(runner, dictionaries["topk"], site, atlas_prompts, out / "atlas", overwrite=True,
                         images_per_prompt=sizes["atlas_seeds"], seed=args.seed + 2000, top_m=6, n_features=64)
     _say(f"[atlas] {index}")
 
