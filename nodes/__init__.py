@@ -9,12 +9,14 @@ from .capture_nodes import SAECaptureActivations
 from .common import register_sae_folder
 from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
 from .image_capture_nodes import SAECaptureFromImages
+from .index_nodes import SAEBuildFeatureIndex
 from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
+from .routes import register_routes
 from .steer_nodes import SAESteer
 
 NODES: list[type[io.ComfyNode]] = [
     SAELoadDictionary, SAETrainDictionary, SAECaptureActivations, SAECaptureFromImages, SAESteer,
-    SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, *organism_nodes.NODES,
+    SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, SAEBuildFeatureIndex, *organism_nodes.NODES,
 ]
 
 
@@ -24,6 +26,8 @@ class DiffusionSAE(ComfyExtension):
 
 
 async def comfy_entrypoint() -> DiffusionSAE:
-    """ComfyUI's V3 entry: registers ``models/sae`` (Load Dictionary lists it) and returns the extension."""
+    """ComfyUI's V3 entry: registers ``models/sae`` (Load Dictionary lists it) and the feature browser's routes
+    (when ComfyUI runs its server), and returns the extension."""
     register_sae_folder()
+    register_routes()
     return DiffusionSAE()

@@ -26,6 +26,10 @@ RECORDING = io.Custom("SAE_RECORDING")
 """Record Features' handle on a generation's feature activations (``inspect_nodes.Recording``)."""
 SAE_FOLDER = "sae"
 SAE_EXTENSIONS = {".safetensors"}
+SHIPPED_SAE = Path(__file__).resolve().parents[1] / "models" / "sae"
+"""The plugin's own dictionaries (one per model organism, each with its feature index): a second models/sae."""
+INDEX_SUFFIX = ".features"
+"""A feature index folder beside its dictionary: ``<name>.features/``."""
 SITE_HELP = ("where in the model: block:stream, e.g. double_blocks.1:image, single_blocks.0:image (Flux), "
              "transformer_blocks.3:text (Qwen-Image), blocks.5:update (Wan), output_blocks.1:residual (SD1.5); "
              "diffusers' block names work too; the node's error lists the model's sites")
@@ -89,7 +93,8 @@ def require_linked(value: Any, expected: type, input_name: str, source: str) -> 
 
 
 def register_sae_folder() -> None:
-    """Make ``models/sae`` a ComfyUI model folder (cheap; safe to call more than once)."""
+    """Make ``models/sae`` a ComfyUI model folder, with the plugin's own ``models/sae`` (the organisms' shipped
+    dictionaries and their feature indexes) after it (cheap; safe to call more than once)."""
     import folder_paths
 
     if SAE_FOLDER not in folder_paths.folder_names_and_paths:
@@ -97,12 +102,18 @@ def register_sae_folder() -> None:
                                                            set(SAE_EXTENSIONS))
     else:
         folder_paths.folder_names_and_paths[SAE_FOLDER][1].update(SAE_EXTENSIONS)
+    paths = folder_paths.folder_names_and_paths[SAE_FOLDER][0]
+    if str(SHIPPED_SAE) not in paths:
+        paths.append(str(SHIPPED_SAE))
 
 
 def sae_files() -> list[str]:
+    """The dictionary files ComfyUI lists in ``models/sae``, without the files inside feature indexes
+    (``<name>.features/``), which share the ``.safetensors`` extension."""
     import folder_paths
 
-    return folder_paths.get_filename_list(SAE_FOLDER)
+    return [name for name in folder_paths.get_filename_list(SAE_FOLDER)
+            if not any(part.endswith(INDEX_SUFFIX) for part in Path(name).parts[:-1])]
 
 
 def sae_save_dir() -> str:

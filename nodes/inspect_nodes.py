@@ -132,7 +132,9 @@ class SAETopFeatures(io.ComfyNode):
                 io.Int.Input("n", default=10, min=1, max=256, tooltip="how many features to list"),
             ],
             outputs=[io.String.Output(display_name="features", tooltip="one line per feature: id, mean, share"),
-                     io.Image.Output(display_name="chart", tooltip="a bar chart of their mean activations")],
+                     io.Image.Output(display_name="chart", tooltip="a bar chart of their mean activations"),
+                     io.String.Output(display_name="feature_ids",
+                                      tooltip="their ids, comma-separated: connect to Steer's features input")],
             is_output_node=True,
         )
 
@@ -143,5 +145,6 @@ class SAETopFeatures(io.ComfyNode):
         text = "\n".join(f"{t.feature}: mean {t.mean:.4g}, fires on {t.share:.0%} of tokens" for t in top)
         chart = pil_to_image(bar_chart([f"#{t.feature}" for t in top], [t.mean for t in top],
                                        "top features", x_label="mean activation over the tokens"))
-        return io.NodeOutput(text, chart, ui={**ui.PreviewText(text).as_dict(),
+        ids = ", ".join(str(t.feature) for t in top)
+        return io.NodeOutput(text, chart, ids, ui={**ui.PreviewText(text).as_dict(),
                                               **ui.PreviewImage(chart, cls=cls).as_dict()})

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 from comfy_api.latest import io
 
-from ..organism.comfy import FAMILIES, conditioning, empty_latent, latent_to_image, load_organism, organism_family
+from ..organism.comfy import FAMILIES, OrganismCLIP, OrganismVAE, conditioning, empty_latent, latent_to_image, load_organism, organism_family
 from ..organism.errors import OrganismError
 from ..sae_core import InputError
 from .common import CATEGORY, check_choices, require_choices
@@ -55,7 +55,11 @@ class SAELoadModelOrganism(io.ComfyNode):
                                 tooltip="a folder saved with save_pretrained (absolute, or relative to this plugin); "
                                         "empty: the committed organism/weights/<family>"),
             ],
-            outputs=[io.Model.Output(tooltip="the organism's denoiser as a ComfyUI MODEL")],
+            outputs=[io.Model.Output(tooltip="the organism's denoiser as a ComfyUI MODEL"),
+                     io.Clip.Output(tooltip="its sentence encoder as a CLIP: ComfyUI's CLIP Text Encode and Build "
+                                            "Feature Index encode prompts with it"),
+                     io.Vae.Output(tooltip="its exact 32x32 gray latent map as a VAE: VAE Decode / VAE Encode, "
+                                           "Capture Activations from Images")],
         )
 
     @classmethod
@@ -66,7 +70,7 @@ class SAELoadModelOrganism(io.ComfyNode):
     def execute(cls, family: str, folder: str = "") -> io.NodeOutput:
         require_choices(cls, family=family)
         with organism_errors_as_input_errors():
-            return io.NodeOutput(load_organism(family, str(folder).strip()))
+            return io.NodeOutput(load_organism(family, str(folder).strip()), OrganismCLIP(), OrganismVAE())
 
 
 class SAEOrganismTextEncode(io.ComfyNode):

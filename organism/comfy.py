@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from . import WEIGHTS
 from .errors import OrganismError
-from .models import LATENT_CHANNELS, LATENT_SIZE, from_latent
+from .models import LATENT_CHANNELS, LATENT_SIZE, from_latent, to_latent
 from .text import shared_encoder
 
 PLUGIN_ROOT = Path(__file__).resolve().parents[1]
@@ -360,3 +360,50 @@ def latent_to_image(latent: torch.Tensor, upscale: int = 1) -> torch.Tensor:
     if int(upscale) > 1:
         image = F.interpolate(image, scale_factor=int(upscale), mode="nearest")
     return image.movedim(1, -1).contiguous()
+
+
+# ----------------------------------------------------------------------------- ComfyUI's CLIP and VAE roles
+
+
+class OrganismCLIP:
+    """The sentence encoder in ComfyUI's CLIP role: ComfyUI's own CLIP Text Encode node (and any node that
+    encodes prompts through a CLIP) calls ``tokenize`` then ``encode_from_tokens_scheduled``."""
+
+    def tokenize(self, text: str, **_: Any) -> str:
+        return str(text)
+
+    def encode_from_tokens_scheduled(self, tokens: str, **_: Any) -> list:
+        return conditioning(tokens)
+
+    def encode_from_tokens(self, tokens: str, return_pooled: bool = False, **_: Any):
+        (states, extra), = conditioning(tokens)
+        return (states, extra["pooled_output"]) if return_pooled else states
+
+
+class OrganismVAE:
+    """The organism's exact, lossless latent map in ComfyUI's VAE role (VAE Decode / VAE Encode and the
+    real-image capture call ``decode`` / ``encode``). Pictures are 32x32 gray: ``encode`` averages colour and
+    resizes (area) any image to that size first."""
+
+    latent_channels = LATENT_CHANNELS
+    image_size = 2 * LATENT_SIZE
+
+    def spacial_compression_encode(self) -> int:
+        return 2
+
+    def spacial_compression_decode(self) -> int:
+        return 2
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """IMAGE ``(B, H, W, C)`` in [0, 1] -> latents ``(B, 4, 16, 16)``."""
+        if pixels.ndim != 4 or pixels.shape[-1] not in (1, 3, 4):
+            raise OrganismError(f"the organism VAE encodes ComfyUI IMAGEs (batch, height, width, 1/3/4 channels), "
+                                f"got shape {tuple(pixels.shape)}")
+        gray = pixels[..., :3].float().mean(-1, keepdim=True).movedim(-1, 1)
+        if gray.shape[-2:] != (self.image_size, self.image_size):
+            gray = F.interpolate(gray, size=(self.image_size, self.image_size), mode="area")
+        return to_latent(gray.clamp(0, 1) * 2 - 1)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, 4, h, w)`` -> IMAGE ``(B, 2h, 2w, 3)`` in [0, 1]."""
+        return latent_to_image(latent)

@@ -432,3 +432,22 @@ def balanced_accuracy(picked: set[int], positives: set[int], n: int) -> float:
     true_positive_rate = len(picked & positives) / len(positives)
     true_negative_rate = len(negatives - picked) / len(negatives)
     return (true_positive_rate + true_negative_rate) / 2
+
+
+def index_evidence(index: Any, with_images: bool = True) -> list[FeatureEvidence]:
+    """Every fired feature of a feature index (:mod:`sae_core.feature_index`) as evidence: its words, and the
+    paths of its top images' thumbnails (the VLM and CLIP sources open them only when they need them)."""
+    evidence = []
+    for f in range(index.n_latents):
+        record = index.feature(f)
+        if not record["top"]:
+            continue
+        images = tuple(index.image_path(f, rank) for rank in range(len(record["top"]))) if with_images else ()
+        evidence.append(FeatureEvidence(f, images=images, words=tuple((w, s) for w, s in record["words"])))
+    return evidence
+
+
+def label_index_by_words(index: Any) -> list[Label]:
+    """Label every fired feature of ``index`` by its prompt words, into the index's ``labels.json`` (offline and
+    quick: what the browser shows until a VLM or CLIP labels them)."""
+    return label_features(index_evidence(index, with_images=False), WordsSource(), LabelStore(index.folder))

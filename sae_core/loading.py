@@ -212,7 +212,7 @@ def _resolve_hub_id(match: re.Match[str], revision: str | None, allow_local: boo
 
 
 def _snapshot(repo: str, sub: str, revision: str | None, patterns: list[str] | None, allow_local: bool) -> Path:
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
@@ -221,6 +221,6 @@ def _snapshot(repo: str, sub: str, revision: str | None, patterns: list[str] | N
         instead = "pass a local path instead" if allow_local else "put the file in models/sae and pick it from the list"
         raise DictionaryError(
             f"could not fetch {where} from the Hugging Face Hub ({type(err).__name__}: {short_reason(err)}); "
-            f"when offline (HF_HUB_OFFLINE=1) it must already be in the local HF cache ({constants.HF_HUB_CACHE}); "
+            "when offline (HF_HUB_OFFLINE=1) it must already be in the local Hugging Face cache; "
             f"check the id, or {instead}"
         ) from err

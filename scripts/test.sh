@@ -5,5 +5,6 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
+bash "$repo/scripts/setup_browser.sh"
 cd "$repo"
 exec "$repo/.venv/bin/python" -m pytest -q "$@"

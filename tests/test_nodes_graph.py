@@ -623,7 +623,7 @@ MISSING_FILE_ERRORS = {"value_not_in_list", "custom_validation_failed"}
 """How ComfyUI reports a file a list input lacks: its own check (V1 nodes), or our nodes' validate_inputs."""
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "example_workflows").glob("*.api.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "example_workflows" / "api").glob("*.json")), ids=lambda p: p.name)
 def test_example_workflow_validates_apart_from_missing_model_files(comfy, path):
     """ComfyUI's validator accepts each example; the only errors allowed are model files this machine lacks."""
     import asyncio

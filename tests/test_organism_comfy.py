@@ -318,7 +318,7 @@ def test_steer_node_works_on_the_flux_organism(comfy, organisms, flux_dictionary
 
 
 def test_example_workflow_runs_on_a_saved_organism(comfy, organisms, flux_dictionary):
-    prompt = json.loads((REPO / "example_workflows" / "organism_flux_steer.api.json").read_text())
+    prompt = json.loads((REPO / "example_workflows" / "api" / "organism_flux_steer.json").read_text())
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "SAELoadModelOrganism":

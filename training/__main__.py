@@ -340,6 +340,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
+    from sae_core.feature_index import index_folder_for, open_index
+    from sae_core.labels import label_index_by_words
+
     from .atlas_run import build_atlas
     from .prompts import read_prompts
 
@@ -347,8 +350,18 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     dictionary = load_dictionary(args.dictionary)
     runner, site = _model_for(args, dictionary)
     runner.require_images("atlas")
+    if args.beside and not Path(args.dictionary).is_file():
+        raise ConfigError(f"--beside: {args.dictionary} is not a local dictionary file; the index goes beside one "
+                          "(drop --beside to write it into --out)")
+    beside = index_folder_for(args.dictionary) if args.beside else None
     index = build_atlas(runner, dictionary, site, prompts, Path(args.out), images_per_prompt=args.images_per_prompt,
-                        seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features)
+                        seed=args.seed, at=args.at, top_m=args.top_m, n_features=args.features,
+                        dictionary_path=args.dictionary if Path(args.dictionary).is_file() else None,
+                        overwrite=args.overwrite, index_folder=beside)
+    if beside is not None:
+        label_index_by_words(open_index(beside))
+        say(f"feature index written to {beside} (ComfyUI's SAE features tab shows it when the dictionary is in "
+            "models/sae)")
     say(f"atlas written to {index} (open it in a browser; it works offline)")
     return 0
 
@@ -382,6 +395,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args)
+    return 0
+
+
+def cmd_organism_dictionaries(args: argparse.Namespace) -> int:
+    from .shipped import build_shipped
+
+    for path in build_shipped(Path(args.out), seed=args.seed):
+        say(f"wrote {path} and its feature index {path.with_suffix('.features')}")
     return 0
 
 
@@ -504,6 +525,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     at.add_argument("--top-m", type=COUNT, default=8, help="top images per feature")
     at.add_argument("--features", type=COUNT, default=None, help="features shown (default: all that fire)")
     at.add_argument("--out", type=FOLDER, default="runs/atlas")
+    at.add_argument("--beside", action="store_true",
+                    help="build the feature index beside the dictionary file (<name>.features/, where ComfyUI's "
+                         "feature browser finds it, with prompt-word labels) instead of <out>/index/")
+    at.add_argument("--overwrite", action="store_true",
+                    help="replace an index built with other settings or another dictionary (default: resume or "
+                         "reuse one built with the same)")
 
     st = add("steer", "a grid of steered images: features x windows down, strengths across", cmd_steer)
     st.add_argument("--dictionary", type=TEXT, required=True)
@@ -525,6 +552,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                       help="default: double_blocks.1:image (Flux) / up_blocks.1:residual (U-Net)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (for tests and a first look)")
     demo.add_argument("--out", type=FOLDER, default="runs/demo")
+
+    ship = add("organism-dictionaries", "rebuild the dictionaries (and feature indexes) the plugin ships for its "
+               "model organisms", cmd_organism_dictionaries)
+    ship.add_argument("--out", type=FOLDER, default="models/sae", help="where to write them (the plugin's own)")
     return parser, subs
 
 
