@@ -369,3 +369,76 @@ def test_missing_or_unexpected_weights_are_named(comfy, organisms, tmp_path):
     assert "unexpected keys (1): extra.weight" in message
     assert "final_layer.linear.bias" in message  # missing, in ComfyUI's name
     assert "double_blocks.1.img_attn.qkv.weight" in message  # the qkv concatenation has a gap
+
+
+# ----------------------------------------------------------------------------- feature index
+
+
+def index_graph(folder, dictionary: str, prompts: str, top_m: int = 4) -> dict:
+    """Load Model Organism's MODEL, CLIP and VAE -> Build Feature Index over ``prompts``, two images each."""
+    return {
+        "1": {"class_type": "SAELoadModelOrganism", "inputs": {"family": "flux", "folder": str(folder)}},
+        "2": {"class_type": "SAEEmptyOrganismLatent", "inputs": {"batch_size": 2}},
+        "3": {"class_type": "SAEBuildFeatureIndex", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "latent": ["2", 0], "dictionary": dictionary,
+            "prompts": prompts, "negative": "", "site": "double_blocks.1:image", "seed": 0, "steps": STEPS,
+            "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "at": 0.5, "top_m": top_m,
+            "overwrite": False}},
+    }
+
+
+def test_build_feature_index_writes_a_browsable_labelled_index_beside_the_dictionary(comfy, organisms,
+                                                                                      flux_dictionary):
+    feature_index = _plugin(comfy, "sae_core.feature_index")
+    prompts = "a handwritten seven\na handwritten two\na white cat on black"
+    outputs = comfy.execute_graph(index_graph(organisms["flux"][1], flux_dictionary, prompts))["outputs"]
+    folder = comfy.organism_sae_dir / "organism128.features"
+    index = feature_index.open_index(folder)
+    assert index.n_latents == 256 and index.header["counts"]["images"] == 6 and index.top_m == 4
+    assert "6 images (3 prompts x 2)" in outputs["3"]["text"][0] and outputs["3"]["images"]
+    fired = index.page(limit=5)["features"]
+    assert fired[0]["frequency"] > 0 and fired[0]["thumbnail"]
+    assert any(row["label"] for row in fired)  # every fired feature gets its prompt-word label
+    prompts_seen = {entry["prompt"] for row in fired for entry in index.feature(row["id"])["top"]}
+    assert prompts_seen <= set(prompts.splitlines())
+    # the same settings again: the finished index is reused, nothing regenerated or rewritten
+    before = {p: p.stat().st_mtime_ns for p in (folder / "features").iterdir()}
+    comfy.execute_graph(index_graph(organisms["flux"][1], flux_dictionary, prompts))
+    assert {p: p.stat().st_mtime_ns for p in (folder / "features").iterdir()} == before
+
+
+def test_build_feature_index_refuses_to_replace_an_index_built_otherwise_unless_asked(comfy, organisms,
+                                                                                      flux_dictionary):
+    graph = index_graph(organisms["flux"][1], flux_dictionary, "a handwritten seven\na handwritten two\na white cat on black",
+                        top_m=3)
+    with pytest.raises(comfy.GraphError, match="other settings"):
+        comfy.execute_graph(graph)
+    graph["3"]["inputs"]["overwrite"] = True
+    comfy.execute_graph(graph)
+    assert _plugin(comfy, "sae_core.feature_index").open_index(comfy.organism_sae_dir / "organism128.features").top_m == 3
+
+
+def test_the_organism_clip_and_vae_work_with_comfyuis_own_nodes(comfy, organisms):
+    import torch
+
+    graph = {
+        "1": {"class_type": "SAELoadModelOrganism", "inputs": {"family": "flux", "folder": str(organisms["flux"][1])}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a handwritten seven"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "SAEEmptyOrganismLatent", "inputs": {"batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 0, "steps": STEPS, "cfg": 4.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SAETestOrganismKeep", "inputs": {"images": ["6", 0], "label": "stock_nodes"}},
+        "8": {"class_type": "SAEOrganismTextEncode", "inputs": {"model": ["1", 0], "prompt": "a handwritten seven"}},
+        "9": {"class_type": "SAEOrganismTextEncode", "inputs": {"model": ["1", 0], "prompt": ""}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["8", 0], "negative": ["9", 0],
+                                                    "latent_image": ["4", 0], "seed": 0, "steps": STEPS, "cfg": 4.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "11": {"class_type": "SAEOrganismDecode", "inputs": {"samples": ["10", 0], "upscale": 1}},
+        "12": {"class_type": "SAETestOrganismKeep", "inputs": {"images": ["11", 0], "label": "organism_nodes"}},
+    }
+    comfy.execute_graph(graph)
+    assert KEPT["stock_nodes"].shape == (1, 32, 32, 3)
+    assert torch.equal(KEPT["stock_nodes"], KEPT["organism_nodes"])  # same conditioning, same decoder
