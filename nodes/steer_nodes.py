@@ -35,9 +35,11 @@ class SAESteer(io.ComfyNode):
                                        "pairs' activation from source to target"),
                 io.String.Input("features", default="0",
                                 tooltip="comma-separated feature ids (swap: source, target pairs)"),
-                io.Float.Input("strength", default=0.5, min=-100.0, max=100.0, step=0.01,
-                               tooltip="add: amount in units; clamp: target activation in units; ablate, swap: "
-                                       "fraction of the activation (1 = all); 0 leaves sampling untouched"),
+                io.Float.Input("strength", default=0.1, min=-100.0, max=100.0, step=0.01,
+                               tooltip="add: amount in units (token_norm 0.1 visibly changes the model organisms' "
+                                       "pictures and keeps them clean; 0.5 turns them into texture); clamp: target "
+                                       "activation in units; ablate, swap: fraction of the activation (1 = all); 0 "
+                                       "leaves sampling untouched"),
                 io.Combo.Input("units", options=list(UNITS),
                                tooltip="what strength 1 means: token_norm, the mean token norm along the feature's "
                                        "unit direction; mean_activation, the feature's mean activation when it "

@@ -538,7 +538,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     st.add_argument("--prompt", type=TEXT, required=True)
     st.add_argument("--site", type=TEXT, help="default: the dictionary's own site")
     st.add_argument("--features", type=FEATURE, nargs="+", required=True)
-    st.add_argument("--strengths", type=FINITE, nargs="+", default=[0, 0.25, 0.5, 1.0])
+    st.add_argument("--strengths", type=FINITE, nargs="+", default=[0, 0.1, 0.25, 0.5],
+                    help="token_norm 0.1 changes the organisms' pictures cleanly, 0.5 breaks them (BENCHMARKS.md)")
     st.add_argument("--windows", type=Span(), nargs="+", default=[None], help="START-END progress windows or 'all'")
     st.add_argument("--mode", default="add", choices=["add", "clamp", "ablate"])
     st.add_argument("--units", default="token_norm", choices=["token_norm", "mean_activation", "raw"])
