@@ -26,8 +26,10 @@ class DiffusionSAE(ComfyExtension):
 
 
 async def comfy_entrypoint() -> DiffusionSAE:
-    """ComfyUI's V3 entry: registers ``models/sae`` (Load Dictionary lists it) and the feature browser's routes
+    """ComfyUI's V3 entry: registers ``models/sae`` (Load Dictionary lists it), ``models/sae_organisms`` and the
+    feature browser's routes
     (when ComfyUI runs its server), and returns the extension."""
     register_sae_folder()
+    organism_nodes.register_organism_folder()
     register_routes()
     return DiffusionSAE()

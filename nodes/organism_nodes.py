@@ -7,29 +7,69 @@ The work (diffusers -> ComfyUI weight conversion, model classes, encoder, decode
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 from comfy_api.latest import io
 
-from ..organism.comfy import FAMILIES, OrganismCLIP, OrganismVAE, conditioning, empty_latent, latent_to_image, load_organism, organism_family
+from ..organism.comfy import (FAMILIES, OrganismCLIP, OrganismVAE, conditioning, empty_latent, latent_to_image,
+                              load_organism, organism_family)
 from ..organism.errors import OrganismError
 from ..sae_core import InputError
 from .common import CATEGORY, check_choices, require_choices
 
 ORGANISM = f"{CATEGORY}/organism"
+ORGANISM_FOLDER = "sae_organisms"
+"""ComfyUI's ``models/sae_organisms``: where saved organisms (pipeline folders) are picked from by name."""
+
+
+def register_organism_folder() -> None:
+    """Make ``models/sae_organisms`` a ComfyUI model folder (cheap; safe to call more than once)."""
+    import folder_paths
+
+    if ORGANISM_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[ORGANISM_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, ORGANISM_FOLDER)], set())
+
+
+def organism_folder(name: str) -> tuple[str, str]:
+    """``(path, root)`` of organism folder ``name`` inside a registered ``models/sae_organisms`` folder; ``("",
+    "")`` for the committed organism. A path (absolute, ``~``, ``..``) is refused: a server reads no other
+    folder, and its errors name none."""
+    import folder_paths
+
+    name = str(name).strip()
+    if not name:
+        return "", ""
+    parts = Path(name).parts
+    if any(ord(c) < 32 for c in name):
+        raise InputError(f"organism folder {name!r} holds control characters: type a folder name")
+    if Path(name).is_absolute() or name.startswith(("~", "\\")) or ".." in parts or ":" in name:
+        raise InputError(f"organism folder {name!r}: give the name of a folder inside models/{ORGANISM_FOLDER} (an "
+                         "organism saved with save_pretrained), not a path; empty: the committed organism")
+    for root in folder_paths.get_folder_paths(ORGANISM_FOLDER):
+        base = Path(root).resolve()
+        candidate = (base / name).resolve()
+        if base in candidate.parents and candidate.is_dir():
+            return str(candidate), str(base)
+    raise InputError(f"no organism folder {name!r} in models/{ORGANISM_FOLDER}: save an organism there with "
+                     "save_pretrained, or leave folder empty for the committed one")
 
 
 @contextmanager
-def organism_errors_as_input_errors() -> Iterator[None]:
+def organism_errors_as_input_errors(root: str = "") -> Iterator[None]:
     """The organism's errors, and a folder name the file system refuses (too long, ...), as the plugin's
     InputError: ComfyUI names an error by its class's module, and the organism package's module path is the
-    plugin's folder on disk, while InputError reads ``diffusion_sae.InputError``."""
+    plugin's folder on disk, while InputError reads ``diffusion_sae.InputError``. The server's ``root`` folder
+    is named as ``models/sae_organisms`` in the message."""
     try:
         yield
     except OrganismError as err:
-        raise InputError(str(err)) from err
+        message = str(err).replace(root, f"models/{ORGANISM_FOLDER}") if root else str(err)
+        raise InputError(message) from err
     except OSError as err:
         raise InputError(f"the organism folder cannot be read ({err.strerror or type(err).__name__}): give a folder "
                          "saved with save_pretrained, or leave it empty for the committed one") from err
@@ -52,8 +92,8 @@ class SAELoadModelOrganism(io.ComfyNode):
                                tooltip="flux: FLUX.1-style transformer (rectified flow); unet: SD1.5-style U-Net "
                                        "(epsilon)"),
                 io.String.Input("folder", default="", optional=True,
-                                tooltip="a folder saved with save_pretrained (absolute, or relative to this plugin); "
-                                        "empty: the committed organism/weights/<family>"),
+                                tooltip="the name of a folder in models/sae_organisms holding an organism saved with "
+                                        "save_pretrained; empty: the committed organism/weights/<family>"),
             ],
             outputs=[io.Model.Output(tooltip="the organism's denoiser as a ComfyUI MODEL"),
                      io.Clip.Output(tooltip="its sentence encoder as a CLIP: ComfyUI's CLIP Text Encode and Build "
@@ -70,7 +110,9 @@ class SAELoadModelOrganism(io.ComfyNode):
     def execute(cls, family: str, folder: str = "") -> io.NodeOutput:
         require_choices(cls, family=family)
         with organism_errors_as_input_errors():
-            return io.NodeOutput(load_organism(family, str(folder).strip()), OrganismCLIP(), OrganismVAE())
+            path, root = organism_folder(folder)
+        with organism_errors_as_input_errors(root):
+            return io.NodeOutput(load_organism(family, path), OrganismCLIP(), OrganismVAE())
 
 
 class SAEOrganismTextEncode(io.ComfyNode):

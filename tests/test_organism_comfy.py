@@ -73,7 +73,7 @@ def _perturb(module, seed: int):
 
 @pytest.fixture(scope="module")
 def organisms(comfy, tmp_path_factory):
-    """family -> (the diffusers denoiser, the folder it was saved to)."""
+    """family -> (the diffusers denoiser, the name of the folder in models/sae_organisms it was saved to)."""
     models = _plugin(comfy, "organism.models")
     pipelines = _plugin(comfy, "organism.pipelines")
     root = tmp_path_factory.mktemp("organisms")
@@ -81,7 +81,11 @@ def organisms(comfy, tmp_path_factory):
     unet = _perturb(models.build_unet(seed=2), seed=12)
     pipelines.OrganismFluxPipeline(flux, pipelines.flux_scheduler()).save_pretrained(root / "flux")
     pipelines.OrganismUNetPipeline(unet, pipelines.unet_scheduler()).save_pretrained(root / "unet")
-    return {"flux": (flux, root / "flux"), "unet": (unet, root / "unet")}
+    import folder_paths
+
+    folder_paths.add_model_folder_path("sae_organisms", str(root), is_default=True)
+    comfy.organism_root = root
+    return {"flux": (flux, "flux"), "unet": (unet, "unet")}
 
 
 @pytest.fixture(scope="module")
@@ -337,17 +341,26 @@ def test_example_workflow_runs_on_a_saved_organism(comfy, organisms, flux_dictio
 
 
 def test_a_bad_folder_is_a_clear_node_error(comfy, organisms, tmp_path):
-    graph = organism_graph("flux", tmp_path / "nowhere", label="never")
+    graph = organism_graph("flux", "nowhere", label="never")
     with pytest.raises(comfy.GraphError) as raised:
         comfy.execute_graph(graph)
     message = str(raised.value)
-    assert "SAELoadModelOrganism" in message and "nowhere" in message and "does not exist" in message
+    assert "SAELoadModelOrganism" in message and "no organism folder 'nowhere' in models/sae_organisms" in message
+
+
+@pytest.mark.parametrize("path", ["/etc", "~", "../organism_sae", "flux/../..", "C:\\organisms"])
+def test_the_organism_folder_is_a_name_in_models_sae_organisms_never_a_path(comfy, organisms, path):
+    with pytest.raises(comfy.GraphError, match="not a path|no organism folder") as raised:
+        comfy.execute_graph(organism_graph("flux", path, label="never"))
+    assert str(comfy.organism_root) not in str(raised.value)
 
     import nodes
 
     load = nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"]
-    with pytest.raises(ValueError, match=r"lacks unet/config.json and unet/diffusion_pytorch_model.safetensors"):
+    with pytest.raises(ValueError, match=r"models/sae_organisms/flux lacks unet/config.json and "
+                                         r"unet/diffusion_pytorch_model.safetensors") as raised:
         load.execute("unet", str(organisms["flux"][1]))  # a Flux organism is not a U-Net one
+    assert str(comfy.organism_root) not in str(raised.value)
 
 
 def test_missing_or_unexpected_weights_are_named(comfy, organisms, tmp_path):
@@ -356,15 +369,15 @@ def test_missing_or_unexpected_weights_are_named(comfy, organisms, tmp_path):
     import nodes
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path / "flux"
-    shutil.copytree(organisms["flux"][1], folder)
+    folder = comfy.organism_root / "flux_damaged"
+    shutil.copytree(comfy.organism_root / organisms["flux"][1], folder)
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     state = load_file(str(weights))
     del state["transformer_blocks.1.attn.to_k.weight"], state["proj_out.bias"]
     state["extra.weight"] = state["x_embedder.weight"].clone()
     save_file(state, str(weights))
     with pytest.raises(ValueError) as raised:
-        nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"].execute("flux", str(folder))
+        nodes.NODE_CLASS_MAPPINGS["SAELoadModelOrganism"].execute("flux", folder.name)
     message = str(raised.value)
     assert "unexpected keys (1): extra.weight" in message
     assert "final_layer.linear.bias" in message  # missing, in ComfyUI's name
