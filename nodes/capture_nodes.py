@@ -121,8 +121,11 @@ class SAECaptureActivations(io.ComfyNode):
                 io.Boolean.Input("cond_only", default=True,
                                  tooltip="keep only the positive prompt's rows (off: the negative's too)"),
                 io.String.Input("folder", default="sae_activations/run1",
-                                tooltip="shards folder inside ComfyUI's output folder; a rerun adds to it"),
-                io.Combo.Input("dtype", options=list(DTYPES), tooltip="precision the vectors are stored in"),
+                                tooltip="shards folder inside ComfyUI's output folder; a rerun adds to it (unused when "
+                                        "destination is memory)"),
+                io.Combo.Input("dtype", options=list(DTYPES),
+                               tooltip="precision the shards store the vectors in (unused when destination is "
+                                       "memory: the buffer keeps the model's own)"),
                 io.Combo.Input("destination", options=list(DESTINATIONS), optional=True,
                                tooltip="shards: files in the folder; memory: RAM only, at most max_vectors"),
                 io.Int.Input("max_vectors", default=1_000_000, min=1, max=2**31 - 1, optional=True,
