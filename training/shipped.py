@@ -3,7 +3,8 @@
 One TopK SAE per organism, at the site its example workflows use, trained on its own captions, with its feature
 index (and prompt-word labels) beside it: ``models/sae/<name>.safetensors`` and ``<name>.features/``. The plugin
 registers that folder as a second ``models/sae``, so the examples and the feature browser work on a clean install
-with nothing to download. Rerunning rebuilds them bit for bit (fixed seeds; CPU).
+with nothing to download. Rerunning on a CPU rebuilds the same weights, index pages, images and labels (checked
+2026-12-01); the files differ only in the training time the header records and the content hash covering it.
 """
 from __future__ import annotations
 
