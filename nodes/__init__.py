@@ -11,12 +11,14 @@ from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
 from .image_capture_nodes import SAECaptureFromImages
 from .index_nodes import SAEBuildFeatureIndex
 from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
+from .label_nodes import SAELabelFeatures
 from .routes import register_routes
 from .steer_nodes import SAESteer
 
 NODES: list[type[io.ComfyNode]] = [
     SAELoadDictionary, SAETrainDictionary, SAECaptureActivations, SAECaptureFromImages, SAESteer,
-    SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, SAEBuildFeatureIndex, *organism_nodes.NODES,
+    SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, SAEBuildFeatureIndex,
+    SAELabelFeatures, *organism_nodes.NODES,
 ]
 
 
