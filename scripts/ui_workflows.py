@@ -4,8 +4,9 @@
 
 For each ``example_workflows/api/<name>.json`` the real frontend, in headless Chromium against a real ComfyUI
 server with this plugin, loads the API graph (``app.loadApiJson``, which lays it out) and saves the graph it
-shows (``app.graph.serialize()``) as ``example_workflows/<name>.json``. The API copies stay the source: edit
-them, then rerun this.
+shows (``app.graph.serialize()``): the organism examples, which run as they are on a clean install, as
+``example_workflows/<name>.json`` (what the template browser lists); the others, which need a real model's
+files, as ``example_workflows/flux/<name>.json``. The API copies stay the source: edit them, then rerun this.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def main() -> int:
                 }
                 return JSON.stringify(app.graph.serialize());  // as the frontend saves it: no undefined -> null
             }""", [json.loads(source.read_text()), source.stem]))
-            target = REPO / "example_workflows" / source.name
+            folder = REPO / "example_workflows" / ("" if source.stem.startswith("organism_") else "flux")
+            folder.mkdir(exist_ok=True)
+            target = folder / source.name
             target.write_text(json.dumps(graph, indent=1) + "\n")
             print(f"{source.relative_to(REPO)} -> {target.relative_to(REPO)} ({len(graph['nodes'])} nodes)")
         browser.close()

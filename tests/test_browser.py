@@ -100,8 +100,10 @@ def test_every_example_workflow_opens_from_the_template_browser_with_all_its_nod
     with urllib.request.urlopen(f"{url}/api/workflow_templates", timeout=30) as response:
         listed = json.loads(response.read())["diffusion_sae"]
     assert sorted(listed) == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-    for name in listed:
-        workflow = template(url, name)
+    assert sorted(listed) == sorted(p.stem for p in (REPO / "example_workflows" / "api").glob("organism_*.json"))
+    real_model = {p.stem: json.loads(p.read_text()) for p in (REPO / "example_workflows" / "flux").glob("*.json")}
+    assert set(real_model) == {p.stem for p in (REPO / "example_workflows" / "api").glob("*.json")} - set(listed)
+    for name, workflow in [(name, template(url, name)) for name in listed] + list(real_model.items()):
         assert workflow.get("version") is not None and workflow["nodes"], name
         known = page.evaluate("""async (wf) => {
             await app.loadGraphData(wf);

@@ -455,3 +455,20 @@ def test_the_organism_clip_and_vae_work_with_comfyuis_own_nodes(comfy, organisms
     comfy.execute_graph(graph)
     assert KEPT["stock_nodes"].shape == (1, 32, 32, 3)
     assert torch.equal(KEPT["stock_nodes"], KEPT["organism_nodes"])  # same conditioning, same decoder
+
+
+ORGANISM_EXAMPLES = sorted((REPO / "example_workflows" / "api").glob("organism_*.json"))
+
+
+@pytest.mark.parametrize("path", ORGANISM_EXAMPLES, ids=lambda p: p.stem)
+def test_every_organism_example_runs_as_shipped_on_a_clean_install(comfy, path):
+    """The committed organism and the plugin's own dictionaries: nothing to download or to put in place (fewer
+    sampling and training steps, to keep the suite short)."""
+    prompt = json.loads(path.read_text())
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = STEPS
+        elif node["class_type"] == "SAETrainDictionary":
+            node["inputs"].update(steps=20, name=f"example_{path.stem}")
+    outputs = comfy.execute_graph(prompt)["outputs"]
+    assert any(output.get("images") for output in outputs.values()), outputs.keys()
