@@ -157,6 +157,8 @@ def test_a_feature_found_in_the_sidebar_goes_into_steer_and_the_workflow_samples
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
     assert images
+    page.wait_for_function("() => [...document.querySelectorAll('.dsae-text')]"
+                           ".some((e) => e.textContent.includes('topk dictionary'))")  # Load Dictionary's description
     page.evaluate("""() => {  // the Steer node at full size, so its preview can be seen
         const node = app.graph._nodes.find((n) => n.type === 'SAESteer');
         app.canvas.ds.scale = 1;

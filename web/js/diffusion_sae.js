@@ -159,6 +159,33 @@ function addSteerPreview(node) {
   setTimeout(() => refreshSteerPreview(node), 0);
 }
 
+// --- text results on the node ---------------------------------------------------------------------
+
+// The bundled frontend draws a node's returned text only on its own Preview Any node; our nodes' summaries
+// (a dictionary's description, a training or index summary, top features) are shown on the node itself.
+function showText(node, lines) {
+  if (!node.__dsaeText) {
+    const box = element("pre", { class: "dsae-text" });
+    box.style.cssText = "white-space: pre-wrap; font-size: 11px; margin: 0; padding: 4px; max-height: 160px;" +
+                        "overflow-y: auto; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);";
+    const widget = node.addDOMWidget("summary", "diffusion_sae_text", box, { serialize: false });
+    widget.serialize = false;
+    node.__dsaeText = box;
+  }
+  node.__dsaeText.textContent = lines.join("\n");
+  app.graph.setDirtyCanvas(true, true);
+}
+
+function addTextDisplay(node) {
+  const onExecuted = node.onExecuted;
+  node.onExecuted = function (message) {
+    const result = onExecuted?.apply(this, arguments);
+    const text = message?.text;
+    if (text && text.length) showText(node, Array.isArray(text) ? text.map(String) : [String(text)]);
+    return result;
+  };
+}
+
 // --- the sidebar browser -------------------------------------------------------------------------
 
 function renderBrowser(root) {
@@ -282,6 +309,8 @@ app.registerExtension({
     });
   },
   async nodeCreated(node) {
-    if (node.comfyClass === STEER || node.type === STEER) addSteerPreview(node);
+    const type = node.comfyClass || node.type || "";
+    if (type === STEER) addSteerPreview(node);
+    if (type.startsWith("SAE")) addTextDisplay(node);
   },
 });
