@@ -19,9 +19,9 @@ and the operations differ only in the coefficients ``c``:
   where ``codes'`` are the codes with the feature set to ``target``: this *is*
   encode -> edit -> decode, with the reconstruction error, everything the
   dictionary does not explain, kept instead of thrown away.
-* **ablate**: clamp to 0 (the strength is the fraction removed).
+* **ablate**: clamp to 0 (the strength is the fraction removed, 0..1).
 * **swap**: move a source feature's activation onto a target feature, token by
-  token (``c_src = -s a_src``, ``c_dst = +s a_src``).
+  token (``c_src = -s a_src``, ``c_dst = +s a_src``; ``s`` in 0..1).
 
 Why offer more than addition: measured on a small Flux-architecture model
 trained on a colour attribute, adding a colour feature everywhere flipped <= 6 %
@@ -95,6 +95,16 @@ def _strength_vector(strengths: Union[float, Sequence[float]], n: int, what: str
     if not all(math.isfinite(v) for v in values):
         raise SteerError(f"strengths must be finite numbers, got {values}")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _check_fractions(values: Sequence[float], mode: str) -> None:
+    """Ablate removes, and swap moves, a fraction of a feature's activation: outside [0, 1] it would push the
+    activation past zero (or add the feature), which only breaks images; say what does that job instead."""
+    outside = [v for v in values if not 0.0 <= v <= 1.0]
+    if outside:
+        raise SteerError(f"{mode} strength {outside[0]:g}: it is the fraction of the feature's activation "
+                         f"{'removed' if mode == 'ablate' else 'moved'}, 0..1 (1 = all); beyond that it only breaks "
+                         "images: to push further, use add with a (negative) strength")
 
 
 def mean_token_norm(h: Tensor) -> Tensor:
@@ -298,6 +308,7 @@ def swap_features(
     fires; the reconstruction error is kept as in :func:`clamp_features`."""
     features = _check_features(dictionary, (source, target))
     _check_activations(h, dictionary.d_in)
+    _check_fractions([float(strength)], "swap")
     current = feature_activations(h, dictionary, features)
     coefficients = _swap_coefficients(current, _strength_vector(strength, 1).to(h.device))
     coefficients = coefficients * _token_weights(token_weights, h, 2)
@@ -382,6 +393,8 @@ class Steer:
         if self.mode == "swap" and len(features) % 2:
             raise SteerError("swap takes (source, target) pairs of features: give an even number of feature ids")
         _strength_vector(self.strengths, self.n_strengths, "pair" if self.mode == "swap" else "feature")
+        if self.mode in ("ablate", "swap"):
+            _check_fractions(self.strengths, self.mode)
         if self.mask is not None:
             object.__setattr__(self, "mask", _checked_mask(self.mask))
 

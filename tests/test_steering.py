@@ -266,6 +266,8 @@ def test_mask_on_text_tokens_is_refused(sae, h):
     (dict(features=(1, 2, 3), strengths=(1.0, 2.0)), SteerError, "got 2 strengths for 3 features"),
     (dict(features=(1, 1), strengths=(1.0,)), SteerError, "listed twice"),
     (dict(features=(1, 2, 3), strengths=(1.0,), mode="swap"), SteerError, "pairs"),
+    (dict(features=(1, 2), strengths=(1.5,), mode="swap"), SteerError, "swap strength 1.5: .* 0..1 .*use add"),
+    (dict(features=(1,), strengths=(-0.5,), mode="ablate"), SteerError, "ablate strength -0.5: .* 0..1"),
     (dict(features=(1,), strengths=(1.0,), window=(0.8, 0.2)), ScheduleError, "swap start and end"),
 ])
 def test_malformed_steers_are_refused_with_the_fix(kwargs, error, message):
