@@ -38,7 +38,7 @@ class SAESteer(io.ComfyNode):
                 io.Float.Input("strength", default=0.1, min=-100.0, max=100.0, step=0.01,
                                tooltip="add: amount in units (token_norm 0.1 visibly changes the model organisms' "
                                        "pictures and keeps them clean; 0.5 turns them into texture); clamp: target "
-                                       "activation in units; ablate, swap: fraction of the activation (1 = all); 0 "
+                                       "activation in units; ablate, swap: the fraction 0..1 of the activation (1 = all); 0 "
                                        "leaves sampling untouched"),
                 io.Combo.Input("units", options=list(UNITS),
                                tooltip="what strength 1 means: token_norm, the mean token norm along the feature's "
