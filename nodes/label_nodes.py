@@ -122,7 +122,7 @@ class SAELabelFeatures(io.ComfyNode):
         with named_in_models(dictionary, path):
             index = open_index(folder, dictionary=path)
             store = LabelStore(folder)
-            evidence = selected_evidence(index, features, with_images=source != "words")
+            evidence = selected_evidence(index, features, with_images=source != "words", overlay=source == "vlm")
             todo = store.needs_label([item.feature for item in evidence], source)
             if todo:
                 labeller, evidence = labelling_setup(source, evidence, set(todo), vlm_url, vlm_model, vlm_key,
@@ -156,9 +156,10 @@ def named_in_models(name: str, path: Path) -> Iterator[None]:
         raise type(err)(str(err).replace(root, "models/sae")) from err
 
 
-def selected_evidence(index: FeatureIndex, count: int, with_images: bool) -> list[FeatureEvidence]:
-    """The index's fired features (all, or the ``count`` most frequent, most frequent first) as evidence."""
-    evidence = index_evidence(index, with_images=with_images)
+def selected_evidence(index: FeatureIndex, count: int, with_images: bool, overlay: bool = False) -> list[FeatureEvidence]:
+    """The index's fired features (all, or the ``count`` most frequent, most frequent first) as evidence; the
+    VLM is shown heatmap tiles (``overlay``), CLIP the plain thumbnails."""
+    evidence = index_evidence(index, with_images=with_images, overlay=overlay)
     if count:
         frequency = index.summary()["frequency"]
         evidence = sorted(evidence, key=lambda item: (-frequency[item.feature], item.feature))[:count]

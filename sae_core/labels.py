@@ -17,6 +17,7 @@ rewrites it atomically as labels come (every label of a slow source; every few s
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -434,15 +435,19 @@ def balanced_accuracy(picked: set[int], positives: set[int], n: int) -> float:
     return (true_positive_rate + true_negative_rate) / 2
 
 
-def index_evidence(index: Any, with_images: bool = True) -> list[FeatureEvidence]:
-    """Every fired feature of a feature index (:mod:`sae_core.feature_index`) as evidence: its words, and the
-    paths of its top images' thumbnails (the VLM and CLIP sources open them only when they need them)."""
+def index_evidence(index: Any, with_images: bool = True, overlay: bool = False) -> list[FeatureEvidence]:
+    """Every fired feature of a feature index (:mod:`sae_core.feature_index`) as evidence: its words, and its top
+    images: the thumbnails' paths (what CLIP embeds), or with ``overlay`` functions that draw each with the
+    feature's heatmap over it (what a vision-language model is shown, so it can see where the feature fires);
+    either is read only when a source needs it."""
     evidence = []
     for f in range(index.n_latents):
         record = index.feature(f)
         if not record["top"]:
             continue
-        images = tuple(index.image_path(f, rank) for rank in range(len(record["top"]))) if with_images else ()
+        ranks = range(len(record["top"])) if with_images else ()
+        images = tuple(functools.partial(index.tile, f, rank) if overlay else index.image_path(f, rank)
+                       for rank in ranks)
         evidence.append(FeatureEvidence(f, images=images, words=tuple((w, s) for w, s in record["words"])))
     return evidence
 

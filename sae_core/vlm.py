@@ -41,7 +41,9 @@ from .errors import InputError
 
 log = logging.getLogger("sae_core.vlm")
 
-ImageInput = Union[Image.Image, str, os.PathLike]  # an image, or the path of an image file opened when sent
+ImageInput = Union[Image.Image, str, os.PathLike, Callable[[], Image.Image]]
+"""An image; the path of an image file, opened when sent; or a function drawing it when sent (a feature index's
+heatmap tile), so that a large pool of evidence holds no pixels."""
 
 KEY_ENV = "DIFFUSION_SAE_VLM_KEY"
 MAX_REPLY_BYTES = 1 << 20
@@ -342,6 +344,8 @@ def _image(image: ImageInput) -> dict[str, Any]:
 def png_data_url(image: ImageInput, max_side: int = MAX_IMAGE_SIDE) -> str:
     """``data:image/png;base64,...`` of the image (or image file) as RGB, shrunk so its longer side is at most
     ``max_side``."""
+    if callable(image):
+        return png_data_url(image(), max_side)
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
             return png_data_url(opened, max_side)

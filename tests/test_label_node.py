@@ -144,15 +144,18 @@ def dictionary(comfy, request) -> str:
 
 
 def build_colour_index(sae, path: Path) -> Path:
-    """Feature f fires on every token of IMAGES_PER_FEATURE[f] squares of FEATURE_COLOURS[f] (slightly shaded
-    apart, stronger for darker ones); prompts name the colour. Features 4..7 never fire."""
+    """Feature f fires on the first token of IMAGES_PER_FEATURE[f] squares of FEATURE_COLOURS[f] (slightly shaded
+    apart, stronger for darker ones), so its heatmap tiles keep the square's colour; prompts name the colour.
+    Features 4..7 never fire."""
     folder = index_folder_for(path)
     builder = FeatureIndexBuilder(folder, DictionaryIdentity.of(sae, path), top_m=8)
     tokens = GRID[0] * GRID[1]
     for feature, (colour, count) in enumerate(zip(FEATURE_COLOURS, IMAGES_PER_FEATURE)):
         for shade in range(count):
             pixels = np.full((16, 16, 3), [max(0, c - 5 * shade) for c in COLOURS[colour]], dtype=np.uint8)
-            codes = SparseCodes(torch.full((tokens, 1), 1.0 + 0.1 * shade), torch.full((tokens, 1), feature))
+            values = torch.zeros(tokens, 1)
+            values[0] = 1.0 + 0.1 * shade
+            codes = SparseCodes(values, torch.full((tokens, 1), feature))
             builder.add(pixels, f"a {colour} square", codes, GRID, progress=0.5, seed=shade)
     builder.finish()
     return folder
@@ -236,6 +239,22 @@ def test_vlm_labels_each_feature_with_the_colour_of_its_images_and_scores_it(com
     assert "#0 A red square (1.00)" in summary
     assert KEY not in summary
     assert KEY not in (index_folder_for(comfy.sae_dir / dictionary) / "labels.json").read_text()
+    shown = sent_images(server.requests[0])  # the first feature's description: its tiles, heatmap over the square
+    assert shown and all(image.size[0] >= 96 for image in shown)  # tiles, not the 16-pixel thumbnails
+    corner, far = shown[0].getpixel((2, 2)), shown[0].getpixel((shown[0].size[0] - 3, shown[0].size[1] - 3))
+    assert corner != far  # where the feature fired (the first token) is painted, the rest keeps the square
+
+
+def sent_images(request) -> list:
+    """The images of a chat request, decoded from their data URLs."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    urls = [part["image_url"]["url"] for message in request.body["messages"] for part in message["content"]
+            if isinstance(part, dict) and part.get("type") == "image_url"]
+    return [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB") for url in urls]
 
 
 def test_vlm_failures_are_statuses_the_run_finishes_and_a_rerun_retries_only_them(comfy, dictionary, monkeypatch,
