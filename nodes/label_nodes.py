@@ -156,7 +156,8 @@ def named_in_models(name: str, path: Path) -> Iterator[None]:
         raise type(err)(str(err).replace(root, "models/sae")) from err
 
 
-def selected_evidence(index: FeatureIndex, count: int, with_images: bool, overlay: bool = False) -> list[FeatureEvidence]:
+def selected_evidence(index: FeatureIndex, count: int, with_images: bool,
+                      overlay: bool = False) -> list[FeatureEvidence]:
     """The index's fired features (all, or the ``count`` most frequent, most frequent first) as evidence; the
     VLM is shown heatmap tiles (``overlay``), CLIP the plain thumbnails."""
     evidence = index_evidence(index, with_images=with_images, overlay=overlay)
