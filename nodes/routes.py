@@ -71,6 +71,17 @@ def feature_index(name: str) -> FeatureIndex:
     return cached[1]
 
 
+def public(message: str) -> str:
+    """``message`` with the server's models/sae folders named as ``models/sae``: a damaged index's error must not
+    tell a browser where the server keeps its files."""
+    import folder_paths
+
+    for root in folder_paths.get_folder_paths(SAE_FOLDER):
+        for spelling in {os.path.realpath(root), os.path.abspath(root), root}:
+            message = message.replace(spelling, "models/sae")
+    return message
+
+
 def int_param(query: dict, name: str, default: int | None = None, low: int = 0, high: int | None = None) -> int:
     text = query.get(name)
     if text is None:
@@ -94,21 +105,20 @@ def list_dictionaries(query: dict) -> dict[str, Any]:
         try:
             path = dictionary_path(name)
             config = read_header(path)
+            site = config.get("site") or {}
             row.update(kind=config.get("kind"), n_latents=config.get("n_latents"), d_in=config.get("d_in"),
-                       site=(config.get("site") or {}).get("name") if isinstance(config.get("site"), dict)
-                       else config.get("site"))
+                       site=f"{site.get('block')}:{site.get('stream')}" if site.get("block") else None)
             row["indexed"] = (index_folder_for(path) / "index.json").is_file()
         except (SAEError, NotFound) as err:
-            row["problem"] = str(err).replace(str(path), name) if path is not None else str(err)
+            row["problem"] = public(str(err).replace(str(path), name) if path is not None else str(err))
         rows.append(row)
     return {"dictionaries": rows}
 
 
 def features_page(query: dict) -> dict[str, Any]:
     index = feature_index(query.get("dictionary", ""))
-    page = index.page(offset=int_param(query, "offset", 0), limit=int_param(query, "limit", 64, 1, PAGE_SIZE),
+    return index.page(offset=int_param(query, "offset", 0), limit=int_param(query, "limit", 64, 1, PAGE_SIZE),
                       sort=query.get("sort", "frequency"), query=query.get("q") or None)
-    return page
 
 
 def feature_record(query: dict) -> dict[str, Any]:
@@ -177,7 +187,7 @@ def register_routes() -> bool:
             except BadRequest as err:
                 return web.json_response({"error": str(err)}, status=400)
             except (NotFound, SAEError) as err:
-                return web.json_response({"error": str(err)}, status=404 if isinstance(err, NotFound) else 400)
+                return web.json_response({"error": public(str(err))}, status=404 if isinstance(err, NotFound) else 400)
             except Exception as err:  # a bug of ours: logged in full, answered in one line
                 return internal_error(err)
         return route
@@ -190,7 +200,7 @@ def register_routes() -> bool:
             except BadRequest as err:
                 return web.json_response({"error": str(err)}, status=400)
             except (NotFound, SAEError) as err:
-                return web.json_response({"error": str(err)}, status=404 if isinstance(err, NotFound) else 400)
+                return web.json_response({"error": public(str(err))}, status=404 if isinstance(err, NotFound) else 400)
             except Exception as err:  # a bug of ours: logged in full, answered in one line
                 return internal_error(err)
         return route

@@ -57,6 +57,8 @@ def server(tmp_path_factory):
     indexed = tiny_dictionary(sae / "indexed.safetensors", seed=0)
     build_index(indexed, sae / "indexed.safetensors")
     tiny_dictionary(sae / "bare.safetensors", seed=1)
+    damaged = tiny_dictionary(sae / "damaged.safetensors", seed=3)
+    (build_index(damaged, sae / "damaged.safetensors") / "features" / "00000.json").write_text("{not json")
     outside = base / "outside"
     outside.mkdir()
     secret = tiny_dictionary(outside / "secret.safetensors", seed=2)
@@ -88,6 +90,7 @@ def test_the_dictionary_list_names_each_models_sae_file_and_whether_it_has_an_in
     assert not any(".features" in name for name in rows)  # an index's own files are not dictionaries
     assert rows["indexed.safetensors"]["indexed"] and not rows["bare.safetensors"]["indexed"]
     assert rows["indexed.safetensors"]["n_latents"] == 32 and rows["indexed.safetensors"]["kind"] == "topk"
+    assert rows["organism_flux_db1_image.safetensors"]["site"] == "double_blocks.1:image"  # shipped with the plugin
 
 
 def test_features_come_in_pages_sorted_as_asked_and_searchable_by_word(server):
@@ -127,6 +130,13 @@ def test_bad_parameters_are_a_400_with_one_line(server, params):
     status, body, _ = get(url, path, dictionary="indexed.safetensors", **params)
     message = json.loads(body)["error"]
     assert status in (400, 404) and "\n" not in message
+
+
+def test_a_damaged_index_is_a_one_line_error_that_names_no_server_folder(server):
+    url, base = server
+    status, answer = get_json(url, "feature", dictionary="damaged.safetensors", id=0)
+    assert status == 400 and "damaged" in answer["error"] and "models/sae/damaged.features" in answer["error"]
+    assert str(base) not in answer["error"] and "\n" not in answer["error"]
 
 
 def test_a_dictionary_without_an_index_says_how_to_build_one(server):
