@@ -4,7 +4,7 @@ A dictionary is named as ComfyUI's ``models/sae`` list names it; only files in t
 folder beside each (``<name>.features/``, see :func:`sae_core.feature_index.index_folder_for`), are ever read.
 Anything else (a path, ``..``, a name that is not listed) is a 404 that names only what was asked for.
 
-    GET /diffusion_sae/dictionaries                          every dictionary, with its header and whether it has an index
+    GET /diffusion_sae/dictionaries                          every dictionary: header, site, has it an index
     GET /diffusion_sae/features?dictionary=&offset=&limit=&sort=&q=   one page of feature rows
     GET /diffusion_sae/feature?dictionary=&id=               one feature's full record
     GET /diffusion_sae/tile?dictionary=&id=&rank=            a top image with the feature's heatmap overlaid (PNG)
