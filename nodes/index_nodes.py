@@ -19,7 +19,7 @@ from ..sae_core.labels import label_index_by_words
 from ..sae_core.loading import check_site_width
 from .adapters import patch_site
 from .common import CATEGORY, check_choices, pil_to_image, sae_files
-from .routes import dictionary_path
+from .routes import NotFound, dictionary_path
 
 DEFAULT_PROMPTS = "\n".join(f"a handwritten {d}" for d in ("zero", "one", "two", "three", "seven")) + "\n" + \
     "\n".join(f"a {a}" for a in ("cat", "giraffe", "elephant"))
@@ -144,8 +144,11 @@ class SAEBuildFeatureIndex(io.ComfyNode):
             probe.feed(builder, decoded_pixels(vae, out), [lines[i]] * batch, seeds=[seed + i] * batch)
             builder.maybe_checkpoint()
             bar.update_absolute(i + 1, len(lines))
-        index = builder.finish() if not builder.complete else open_index(folder)
-        label_index_by_words(index)
+        if builder.complete:  # built before with these settings: reused as it is, labels included
+            index = open_index(folder)
+        else:
+            index = builder.finish()
+            label_index_by_words(index)
         summary = (f"indexed {index.n_latents} features of {dictionary} at {where.name} over "
                    f"{index.header['counts']['images']} images ({len(lines)} prompts x {batch}); "
                    f"stored in models/sae/{folder.name}; open the SAE features sidebar to browse it")
@@ -157,7 +160,7 @@ class SAEBuildFeatureIndex(io.ComfyNode):
 def dictionary_path_or_error(name: str):
     try:
         return dictionary_path(name)
-    except Exception as err:  # routes' NotFound: the same refusal, as the node's error type
+    except NotFound as err:  # the routes' refusal, as the node's error type
         raise InputError(str(err)) from None
 
 

@@ -180,41 +180,29 @@ def register_routes() -> bool:
         return False
     from aiohttp import web
 
-    def json_route(handler: Callable[[dict], Any]):
-        async def route(request):
+    def route(handler: Callable[[dict], Any], respond: Callable[[Any], Any]):
+        """An aiohttp handler: ``respond(handler(query))``, or the error as one line of JSON."""
+        async def answer(request):
             try:
-                return web.json_response(handler(dict(request.query)))
+                return respond(handler(dict(request.query)))
             except BadRequest as err:
                 return web.json_response({"error": str(err)}, status=400)
             except (NotFound, SAEError) as err:
                 return web.json_response({"error": public(str(err))}, status=404 if isinstance(err, NotFound) else 400)
             except Exception as err:  # a bug of ours: logged in full, answered in one line
-                return internal_error(err)
-        return route
+                log.exception("diffusion_sae: the feature browser's route failed")
+                return web.json_response({"error": f"internal error in diffusion_sae ({type(err).__name__}); the "
+                                                   "server log has the details"}, status=500)
+        return answer
 
-    def png_route(handler: Callable[[dict], bytes]):
-        async def route(request):
-            try:
-                return web.Response(body=handler(dict(request.query)), content_type="image/png",
-                                    headers={"Cache-Control": "max-age=60"})
-            except BadRequest as err:
-                return web.json_response({"error": str(err)}, status=400)
-            except (NotFound, SAEError) as err:
-                return web.json_response({"error": public(str(err))}, status=404 if isinstance(err, NotFound) else 400)
-            except Exception as err:  # a bug of ours: logged in full, answered in one line
-                return internal_error(err)
-        return route
-
-    def internal_error(err: Exception):
-        log.exception("diffusion_sae: the feature browser's route failed")
-        return web.json_response({"error": f"internal error in diffusion_sae ({type(err).__name__}); the server "
-                                           "log has the details"}, status=500)
+    def png(body: bytes):
+        return web.Response(body=body, content_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     routes = instance.routes
-    routes.get(f"{PREFIX}/dictionaries")(json_route(list_dictionaries))
-    routes.get(f"{PREFIX}/features")(json_route(features_page))
-    routes.get(f"{PREFIX}/feature")(json_route(feature_record))
-    routes.get(f"{PREFIX}/tile")(png_route(tile_png))
-    routes.get(f"{PREFIX}/chart")(png_route(chart_png))
+    routes.get(f"{PREFIX}/dictionaries")(route(list_dictionaries, web.json_response))
+    routes.get(f"{PREFIX}/features")(route(features_page, web.json_response))
+    routes.get(f"{PREFIX}/feature")(route(feature_record, web.json_response))
+    routes.get(f"{PREFIX}/tile")(route(tile_png, png))
+    routes.get(f"{PREFIX}/chart")(route(chart_png, png))
     _registered = True
     return True
