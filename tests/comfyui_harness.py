@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import runpy
@@ -227,6 +228,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def request_json(url: str, body: dict | None = None) -> tuple[int, dict]:
+    """``(status, JSON answer)`` of a GET (or, with ``body``, a POST) to the server; error statuses included."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 @contextlib.contextmanager

@@ -160,15 +160,6 @@ def test_images_without_a_grid_get_plain_frames(tmp_path):
     assert index.is_file()
 
 
-@pytest.fixture
-def one_thread():
-    """The bound below measures the algorithm, not thread contention on a busy test machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fifty_thousand_latents_stay_fast(tmp_path, one_thread):
     # a Python loop over latents in add() would take seconds per image here
     n_latents, tokens, k = 50_000, 256, 16

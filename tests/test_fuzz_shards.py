@@ -578,15 +578,6 @@ def _summary(fz: Fuzz) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_damaged_or_lying_shard_folders_are_refused_or_read_exactly(tmp_path, capsys, one_thread):
     fz = Fuzz(tmp_path)
     rng = random.Random(SEED)

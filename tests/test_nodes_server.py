@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import comfyui_harness
+from comfyui_harness import request_json
 from test_nodes_graph import latent_sha, sampling_graph, steered_graph
 
 TESTS = Path(__file__).resolve().parent
@@ -46,24 +45,14 @@ def server(comfyui, tmp_path_factory):
         yield url
 
 
-def _request(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def run_prompt(url: str, graph: dict) -> dict:
     """POST /prompt and wait for its /history entry."""
-    status, answer = _request(url + "/prompt", {"prompt": graph, "client_id": "sae-tests"})
+    status, answer = request_json(url + "/prompt", {"prompt": graph, "client_id": "sae-tests"})
     assert status == 200, answer
     prompt_id = answer["prompt_id"]
     deadline = time.monotonic() + HISTORY_TIMEOUT_S
     while time.monotonic() < deadline:
-        _, history = _request(f"{url}/history/{prompt_id}")
+        _, history = request_json(f"{url}/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
             return history[prompt_id]
         time.sleep(0.05)  # bounded polling of the server's queue
@@ -71,7 +60,7 @@ def run_prompt(url: str, graph: dict) -> dict:
 
 
 def test_object_info_lists_every_node_of_ours_described_with_a_tooltip_on_every_input(comfyui, server):
-    _, info = _request(server + "/object_info")
+    _, info = request_json(server + "/object_info")
     ours = {node.GET_SCHEMA().node_id for node in comfyui.plugin_module().nodes.NODES}
     assert ours <= set(info), ours - set(info)
     for node_id in ours:
@@ -95,7 +84,7 @@ def test_a_steered_prompt_runs_and_reports_through_history(server):
 def test_bad_prompts_get_errors_and_the_server_keeps_serving(server):
     invalid = steered_graph("tiny.safetensors", 1.0)
     invalid["11"]["inputs"]["mode"] = "explode"
-    status, answer = _request(server + "/prompt", {"prompt": invalid})
+    status, answer = request_json(server + "/prompt", {"prompt": invalid})
     assert status == 400 and "11" in answer["node_errors"]
 
     failing = run_prompt(server, steered_graph("tiny.safetensors", 1.0, features="4096"))

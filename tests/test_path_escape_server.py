@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from comfyui_harness import REPO_ROOT
+from comfyui_harness import REPO_ROOT, request_json
 from sae_core.config import DictionaryConfig, TrainConfig
 from sae_core.fileformat import save_dictionary
 from sae_core.shards import ShardWriter
@@ -52,33 +50,23 @@ def outside(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server_paths(comfyui_server) -> dict[str, Path]:
     """The server's base folder (from /system_stats' argv) and its models/sae."""
-    _, stats = _request(comfyui_server + "/system_stats")
+    _, stats = request_json(comfyui_server + "/system_stats")
     argv = stats["system"]["argv"]
     base = Path(argv[argv.index("--base-directory") + 1]).resolve()
     return {"base": base, "models_sae": base / "models" / "sae"}
-
-
-def _request(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def queue(url: str, graph: dict) -> tuple[str, str]:
     """``(outcome, error text)``: "refused" with the /prompt answer, or the run's status with its /history
     messages. An execution error's traceback is left out: ComfyUI adds it to every node's error (it names the
     server's source files whatever the node), while the type and message are what the node tells the user."""
-    status, answer = _request(url + "/prompt", {"prompt": graph, "client_id": "sae-path-tests"})
+    status, answer = request_json(url + "/prompt", {"prompt": graph, "client_id": "sae-path-tests"})
     if status != 200:
         return "refused", json.dumps(answer)
     prompt_id = answer["prompt_id"]
     deadline = time.monotonic() + HISTORY_TIMEOUT_S
     while time.monotonic() < deadline:
-        _, history = _request(f"{url}/history/{prompt_id}")
+        _, history = request_json(f"{url}/history/{prompt_id}")
         entry = history.get(prompt_id, {})
         if entry.get("status", {}).get("completed") is not None:
             messages = [(event, {key: value for key, value in data.items() if key != "traceback"})

@@ -19,6 +19,7 @@ from sae_core.shards import ActivationBuffer, ShardReader, ShardWriter
 from sae_core.sites import Site
 from sae_core.synthetic import superposition_data
 from sae_core.train import train_dictionary
+from test_training import Killed, killed_at
 
 SITE = Site(family="flux", block="double_blocks.9", stream="image")
 D = 8
@@ -383,15 +384,8 @@ def test_training_from_shards_resumes_exactly(tmp_path):
 
     full = train_dictionary(reader(), config).dictionary
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_25(step, total, metrics):
-        if step == 25:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_dictionary(reader(), config, checkpoint_dir=tmp_path / "ckpt", progress=stop_at_25)
+    with pytest.raises(Killed):
+        train_dictionary(reader(), config, checkpoint_dir=tmp_path / "ckpt", progress=killed_at(25))
     resumed = train_dictionary(reader(), config, checkpoint_dir=tmp_path / "ckpt")
     assert resumed.resumed_from_step == 20
     for (name, a), b in zip(full.state_dict().items(), resumed.dictionary.state_dict().values()):

@@ -123,19 +123,24 @@ def test_divergence_is_a_clear_error_and_writes_no_checkpoint(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+
+class Killed(Exception):
+    """Stands for a kill mid-run: raised from the progress callback."""
+
+
+def killed_at(step: int):
+    """A progress callback that kills the run when it reports ``step``."""
+    def progress(current, total, metrics):
+        if current == step:
+            raise Killed
+    return progress
+
 def test_resume_gives_identical_results_to_an_uninterrupted_run(data, tmp_path):
     config = small_config(total_steps=40)
     full = train_dictionary(data, config).dictionary
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_25(step, total, metrics):
-        if step == 25:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_dictionary(data, config, checkpoint_dir=tmp_path, progress=stop_at_25)
+    with pytest.raises(Killed):
+        train_dictionary(data, config, checkpoint_dir=tmp_path, progress=killed_at(25))
     resumed = train_dictionary(data, config, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 20
     for (name, a), b in zip(full.state_dict().items(), resumed.dictionary.state_dict().values()):
@@ -212,15 +217,8 @@ def test_a_checkpoint_with_the_flat_config_of_earlier_versions_resumes_to_the_sa
     assert TrainConfig.from_dict(LEGACY_CHECKPOINT_CONFIG) == config
     full = train_dictionary(data, config).dictionary
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_25(step, total, metrics):
-        if step == 25:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_dictionary(data, config, checkpoint_dir=tmp_path, progress=stop_at_25)
+    with pytest.raises(Killed):
+        train_dictionary(data, config, checkpoint_dir=tmp_path, progress=killed_at(25))
     _rewrite_checkpoint_config(tmp_path / CHECKPOINT_NAME, LEGACY_CHECKPOINT_CONFIG)
     resumed = train_dictionary(data, config, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 20
