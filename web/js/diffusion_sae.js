@@ -66,8 +66,10 @@ function element(tag, attributes = {}, ...children) {
   return node;
 }
 
+// A page row's words are plain; a full record's are [word, score] pairs.
 function featureName(row) {
-  return row.label || (row.words && row.words.length ? row.words.slice(0, 3).join(" ") : "(no words)");
+  const words = (row.words || []).map((w) => (Array.isArray(w) ? w[0] : w));
+  return row.label || (words.length ? words.slice(0, 3).join(" ") : "(no words)");
 }
 
 // --- which Steer node a click goes to, and what its dictionary is --------------------------------
@@ -131,7 +133,7 @@ async function refreshSteerPreview(node) {
     figure.append(element("img", { src: url("tile", { dictionary, id, rank: 0 }), alt: `feature ${id}` }), caption);
     box.append(figure);
     getJson("feature", { dictionary, id })
-      .then((record) => { caption.textContent = `#${id} ${featureName({ ...record, words: record.words.map((w) => w[0]) })}`; })
+      .then((record) => { caption.textContent = `#${id} ${featureName(record)}`; })
       .catch(() => { figure.querySelector("img")?.remove(); caption.textContent = `#${id} (no index)`; });
   }
 }
@@ -274,7 +276,7 @@ function renderBrowser(root) {
     detail.replaceChildren(
       element("button", { class: "dsae-back", text: "← all features", onclick: () => {
         detail.style.display = "none"; grid.style.display = ""; more.style.display = offset < total ? "" : "none"; } }),
-      element("h3", { text: `#${id} ${record.label || featureName({ words: record.words.map((w) => w[0]) })}` }),
+      element("h3", { text: `#${id} ${featureName(record)}` }),
       element("button", { class: "dsae-use", text: "use in Steer", onclick: () => { note.textContent = useFeature(id, dictionary); } }),
       note,
       element("p", { text: `fires on ${(100 * record.frequency).toFixed(2)}% of tokens and ${record.images} images; ` +
