@@ -14,6 +14,7 @@ A dictionary is an ``encode``/``decode`` pair plus a file format::
 
 This package imports neither ComfyUI nor diffusers.
 """
+from .concepts import Concept, concept_from_codes, concept_from_words, mean_codes, replace_steers
 from .config import DictionaryConfig, TrainConfig, options
 from .dictionary import Dictionary
 from .errors import (ConfigError, DictionaryError, InputError, SAEError, ScheduleError, ShardError, SiteError, SteerError,
@@ -46,6 +47,8 @@ __all__ = [
     "transformer_catalogue", "unet_catalogue", "validate_sigma_range", "validate_window",
     # steering
     "MODES", "UNITS", "Steer", "steer_function",
+    # concepts: weighted sets of features
+    "Concept", "concept_from_codes", "concept_from_words", "mean_codes", "replace_steers",
     # errors
     "ConfigError", "DictionaryError", "InputError", "SAEError", "ScheduleError", "ShardError", "SiteError", "SteerError",
     "TrainingError", "WriteError",

@@ -32,15 +32,21 @@ already fires (``where="where_active"``), and :func:`diff_of_means_direction`
 with :func:`add_direction` gives the baseline every steer should be compared to.
 
 :func:`steer_function` turns a list of :class:`Steer` into a site function
-(see :mod:`sae_core.intervention`) that gates each steer by noise level
-(:mod:`sae_core.timesteps`), by CFG half and by a painted mask. Tokens an edit
-does not touch come back bit for bit, and when nothing is touched the input
-tensor itself is returned, so a disabled or zero-strength steer leaves the
-model's output bit-identical to the unpatched model.
+(see :mod:`sae_core.sites.context`) that gates each steer by noise level
+(:mod:`sae_core.timesteps`), by CFG half, by a painted mask and by detection:
+a steer with ``detect`` features edits only the tokens on which one of them
+fires above ``detect_threshold``, read on the activations as they enter the
+function. That is detect-then-replace: find a concept's tokens by its own
+features, ablate those and add another concept there (see
+:func:`sae_core.concepts.replace_steers`), leaving every other token alone.
+Tokens an edit does not touch come back bit for bit, and when nothing is
+touched the input tensor itself is returned, so a disabled or zero-strength
+steer leaves the model's output bit-identical to the unpatched model.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -198,6 +204,15 @@ def _add(h: Tensor, directions: Tensor, strengths: Tensor, units: str,
         return h
     amounts = _unit_activations(h, directions, units, mean_activation) * strengths.to(h.device)
     return apply_coefficients(h, amounts.unsqueeze(1) * weights, directions)
+
+
+def _check_detect_range(dictionary: Dictionary, detect: Sequence[int]) -> tuple[int, ...]:
+    n = dictionary.n_latents
+    outside = [f for f in detect if not 0 <= f < n]
+    if outside:
+        raise DictionaryError(f"detect feature {outside[0]} is out of range: this dictionary has {n} latents "
+                              f"(0..{n - 1})")
+    return tuple(detect)
 
 
 def _check_units(units: str) -> None:
@@ -361,6 +376,12 @@ class Steer:
     ``mask``: ``(H, W)`` weights in [0, 1] over the image, resized to the token
     grid. ``where="where_active"``: only tokens on which the feature already
     fires (swap always acts only where its source fires).
+    ``detect``: feature ids that locate the concept's tokens; when given, only
+    tokens on which at least one of them reads more than ``detect_threshold``
+    (activation units, >= 0; a feature not selected reads 0) are edited, on top
+    of every other gate. Detection reads the activations as they enter the site
+    function, so steers of one :func:`steer_function` that share a detect set
+    act on the same tokens whatever their order (detect-then-replace).
     """
 
     features: tuple[int, ...]
@@ -373,6 +394,8 @@ class Steer:
     subtract_uncond: bool = False
     mask: Optional[Tensor] = None
     where: str = "everywhere"
+    detect: tuple[int, ...] = ()
+    detect_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         features = tuple(int(f) for f in _as_tuple(self.features))
@@ -397,6 +420,8 @@ class Steer:
             _check_fractions(self.strengths, self.mode)
         if self.mask is not None:
             object.__setattr__(self, "mask", _checked_mask(self.mask))
+        object.__setattr__(self, "detect", _checked_detect(self.detect))
+        object.__setattr__(self, "detect_threshold", _checked_threshold(self.detect_threshold))
 
     @property
     def n_strengths(self) -> int:
@@ -406,6 +431,26 @@ class Steer:
     def is_inert(self) -> bool:
         """True when the steer cannot change anything: zero strengths for add, ablate and swap."""
         return self.mode != "clamp" and not any(self.strengths)
+
+
+def _checked_detect(detect: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    values = (detect,) if isinstance(detect, numbers.Integral) else tuple(detect)
+    if any(isinstance(f, bool) or not isinstance(f, numbers.Integral) for f in values):
+        raise SteerError(f"detect lists feature ids, whole numbers, got {list(values)}: give ids like (12, 40)")
+    ids = tuple(int(f) for f in values)
+    duplicated = sorted({f for f in ids if ids.count(f) > 1})
+    if duplicated:
+        raise SteerError(f"detect feature(s) {', '.join(map(str, duplicated))} listed twice: list each once")
+    return ids
+
+
+def _checked_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise SteerError(f"detect_threshold must be a number (activation units), got {threshold!r}")
+    value = float(threshold)
+    if not math.isfinite(value) or value < 0:
+        raise SteerError(f"detect_threshold {value:g}: use a finite activation >= 0 (0 = the feature fires at all)")
+    return value
 
 
 def _checked_mask(mask: Tensor) -> Tensor:
@@ -442,13 +487,20 @@ class _Plan:
         self.dictionary = dictionary
         self.steer = steer
         self.features = _check_features(dictionary, steer.features)
+        self.detect = _check_detect_range(dictionary, steer.detect)
         self.strengths = _strength_vector(steer.strengths, steer.n_strengths)
         self.directions = feature_directions(dictionary, self.features)
         uses_mean = steer.units == "mean_activation" and steer.mode in ("add", "clamp")
         self.mean_activation = recorded_mean_activations(dictionary, self.features) if uses_mean else None
+        self.reads_current = not (steer.mode == "add" and steer.where == "everywhere")
+        # One encode reads both the steered features and the detect features (on tokens no steer edited yet).
+        self.read_ids = self.features + tuple(f for f in self.detect if f not in self.features)
+        self.detect_columns = [self.read_ids.index(f) for f in self.detect]
         self._mask_cache: dict[tuple, Tensor] = {}
 
-    def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
+    def __call__(self, h: Tensor, ctx: SiteContext, entry: Tensor, detections: dict) -> Tensor:
+        """``entry``: the activations as they entered the site function; ``detections``: this call's detected
+        tokens per (detect set, rows), shared by the steers of one function."""
         steer = self.steer
         if steer.mask is not None and ctx.grid is None:
             raise SteerError(
@@ -459,15 +511,43 @@ class _Plan:
             return h
         rows = _row_weights(ctx.cond, h.shape[0], steer)
         selected = rows.nonzero().flatten()
-        if len(selected) == h.shape[0]:
-            return self._edit(h, self._weights(rows, ctx, h))
         if len(selected) == 0:
             return h
-        # Edit (and encode) only the selected rows, e.g. the cond half under CFG.
+        whole = len(selected) == h.shape[0]
         index = selected.to(h.device)
-        part = h.index_select(0, index)
-        edited = self._edit(part, self._weights(rows[selected], ctx, part))
+        part = h if whole else h.index_select(0, index)
+        fresh = h is entry  # no earlier steer edited these activations: detection may share this plan's encode
+        detected, current = self._detect(part, entry, selected, index, fresh, detections)
+        if detected is not None and not bool(detected.any()):
+            return h
+        weights = self._weights(rows[selected], ctx, part)
+        if detected is not None:
+            weights = weights * detected.unsqueeze(-1)
+        # Edit (and encode) only the selected rows, e.g. the cond half under CFG.
+        edited = self._edit(part, weights, current)
+        if whole:
+            return edited
         return h if edited is part else h.index_copy(0, index, edited)
+
+    def _detect(self, part: Tensor, entry: Tensor, selected: Tensor, index: Tensor, fresh: bool,
+                detections: dict) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(detected tokens of the selected rows ``(rows, tokens)`` bool, or None without ``detect``; the steered
+        features' activations on ``part`` when the same encode read them, else None)."""
+        if not self.detect:
+            return None, None
+        rows = tuple(selected.tolist())
+        key = (self.detect, self.steer.detect_threshold, rows)
+        current = None
+        if key not in detections:
+            if fresh and self.reads_current:
+                read = feature_activations(part, self.dictionary, self.read_ids)
+                current, read = read[..., :len(self.features)], read[..., self.detect_columns]
+            else:
+                whole = len(rows) == entry.shape[0]
+                before = part if fresh else (entry if whole else entry.index_select(0, index))
+                read = feature_activations(before, self.dictionary, self.detect)
+            detections[key] = (read > self.steer.detect_threshold).any(dim=-1)
+        return detections[key], current
 
     def _weights(self, rows: Tensor, ctx: SiteContext, h: Tensor) -> Tensor:
         weights = rows.to(h.device).reshape(-1, 1, 1)
@@ -475,12 +555,14 @@ class _Plan:
             weights = weights * self._mask_weights(ctx.grid, ctx.frames, h).reshape(1, -1, 1)
         return weights
 
-    def _edit(self, h: Tensor, weights: Tensor) -> Tensor:
+    def _edit(self, h: Tensor, weights: Tensor, current: Optional[Tensor]) -> Tensor:
+        """``current``: the steered features' activations on ``h`` when already read, else None."""
         steer = self.steer
         mode = steer.mode
-        if mode == "add" and steer.where == "everywhere":
+        if not self.reads_current:
             return _add(h, self.directions, self.strengths, steer.units, self.mean_activation, weights)
-        current = feature_activations(h, self.dictionary, self.features)
+        if current is None:
+            current = feature_activations(h, self.dictionary, self.features)
         if steer.where == "where_active" and mode != "swap":
             weights = weights * (current > 0)
         strengths = self.strengths.to(h.device)
@@ -535,8 +617,9 @@ def steer_function(dictionary: Dictionary, steers: Sequence[Steer]) -> SiteFunct
 
     def steer_site(h: Tensor, ctx: SiteContext) -> Tensor:
         _check_activations(h, dictionary.d_in)
+        entry, detections = h, {}
         for plan in plans:
-            h = plan(h, ctx)
+            h = plan(h, ctx, entry, detections)
         return h
 
     return steer_site

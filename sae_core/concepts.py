@@ -1,0 +1,294 @@
+"""Concepts made of dictionary features: find them from examples, add them, swap one for another.
+
+A *concept* is a weighted set of dictionary features ``{(f, w_f)}``. Its model-space direction is
+``u = sum_f w_f v_f``, where ``v_f`` is the change one unit of feature ``f`` makes
+(:meth:`~sae_core.dictionary.Dictionary.direction`).
+
+**From examples.** Given activations of positive examples (prompts showing the concept) and of negative
+ones (prompts without it), let ``c+`` and ``c-`` be the mean sparse codes of their tokens
+(:func:`mean_codes`). The concept is the SAE projection of the difference of means: ``d = c+ - c-``,
+kept to its ``top_n`` features by ``|d_f|`` (:func:`concept_from_codes`), with weights ``w_f = d_f``.
+
+Why that is the right direction: decoding is affine in the codes, ``decode(c) = sum_f c_f v_f + b`` (``b``
+the decoder bias, mapped to model space), so the mean of the reconstructions is the reconstruction of the
+mean codes, and
+
+    decode(c+) - decode(c-) = sum_f d_f v_f
+
+with the bias cancelled. Over every feature this is the difference of the mean *reconstructions* of the
+two sets: the supervised difference of means of the activations, less the difference of their mean
+reconstruction errors (what the dictionary does not explain). Restricted to the kept features it is the
+part of that difference those features explain. Adding the concept at strength 1 in raw units
+(:meth:`Concept.steer`) therefore adds exactly that part of the mean difference.
+:attr:`Concept.coverage` says how much of the full reconstruction difference survived the cut to ``top_n``.
+
+**From words.** A feature index (:mod:`sae_core.feature_index`) already lists, per feature, the prompt
+words whose images it fires on more than on the rest; :func:`concept_from_words` builds a concept from
+them without generating anything.
+
+**Replacing.** :func:`replace_steers` gives the detect-then-replace edit: on the tokens where the source
+concept's features fire, remove them and add the target concept; every other token is left bit-identical
+(see :class:`~sae_core.steering.Steer`'s ``detect``).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .dictionary import Dictionary
+from .errors import DictionaryError, SteerError
+from .steering import Steer, feature_directions
+
+SIGNS = ("both", "positive")
+ENCODE_ELEMENTS = 1 << 24
+"""Rows are encoded in chunks of about this many (rows x latents) pre-activations, bounding memory."""
+SUGGESTED_WORDS = 8
+FIXED_OPTIONS = ("mode", "units", "features", "strengths")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A weighted set of dictionary features.
+
+    ``features``: feature ids, strongest first. ``weights``: one per feature, in activation units (for a
+    concept from examples, the mean code difference positive minus negative). ``coverage``:
+    ``||sum_kept w_f v_f|| / ||sum_all d_f v_f||``, the norm of the concept's direction over the norm of the
+    direction of the full code difference ``d`` (every feature, before the cut to ``top_n``): 1 when nothing
+    was cut, below 1 by the share the dropped features carried; it can exceed 1 when dropped features
+    partly cancelled kept ones. NaN when unknown (no dictionary given, a concept from words, or a zero full
+    difference)."""
+
+    features: tuple[int, ...]
+    weights: tuple[float, ...]
+    coverage: float = math.nan
+
+    def __post_init__(self) -> None:
+        features = tuple(_feature_id(f) for f in self.features)
+        weights = tuple(float(w) for w in self.weights)
+        if not features:
+            raise SteerError("a concept needs at least one feature: pick feature ids (and one weight each)")
+        if len(weights) != len(features):
+            raise SteerError(f"a concept has {len(features)} feature(s) but {len(weights)} weight(s): give one each")
+        if len(set(features)) != len(features):
+            raise SteerError(f"a concept lists feature(s) twice ({list(features)}): list each once")
+        if not all(math.isfinite(w) for w in weights):
+            raise SteerError(f"concept weights must be finite numbers, got {list(weights)}")
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "coverage", float(self.coverage))
+
+    def direction(self, dictionary: Dictionary) -> Tensor:
+        """``sum_f w_f * dictionary.direction(f)``: ``(d_in,)`` float32, summed in float64."""
+        _check_ids(dictionary, self.features)
+        directions = feature_directions(dictionary, self.features).double()
+        return (torch.tensor(self.weights, dtype=torch.float64) @ directions).float()
+
+    def steer(self, strength: float = 1.0, **steer_options: Any) -> Steer:
+        """A :class:`Steer` adding ``strength`` x the concept in raw units: at strength 1 every edited token moves
+        by exactly :meth:`direction`. ``steer_options``: any other Steer field (window, sigma_range, cond_only,
+        subtract_uncond, mask, where, detect, detect_threshold)."""
+        fixed = sorted(set(steer_options) & set(FIXED_OPTIONS))
+        if fixed:
+            raise SteerError(f"a concept is added in raw units with its own features and weights; drop "
+                             f"{', '.join(fixed)} (scale it with strength)")
+        s = _finite(strength, "strength")
+        return Steer(self.features, tuple(s * w for w in self.weights), mode="add", units="raw", **steer_options)
+
+
+def mean_codes(dictionary: Dictionary, activations: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Mean sparse code of the rows of ``activations`` ``(N, d)`` or ``(B, T, d)``: dense ``(n_latents,)``
+    float64 on the CPU (a latent not selected on a row counts 0 there).
+
+    ``weights``: optional per-row weights, ``(N,)`` or ``activations.shape[:-1]``, >= 0, for a weighted mean.
+    Rows are encoded in chunks and their codes scatter-added, so no ``(N, n_latents)`` matrix is built."""
+    x = torch.as_tensor(activations)
+    if x.ndim not in (2, 3):
+        raise SteerError(f"mean codes take activations shaped (N, d) or (batch, tokens, d), got {tuple(x.shape)}")
+    if x.shape[-1] != dictionary.d_in:
+        raise DictionaryError(f"activations have width {x.shape[-1]} but the dictionary expects d_in="
+                              f"{dictionary.d_in}; use a dictionary trained on this site")
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if rows.shape[0] == 0:
+        raise SteerError("mean codes need at least one activation row: the set is empty")
+    if not bool(torch.isfinite(rows).all()):
+        bad = int((~torch.isfinite(rows).all(-1)).sum())
+        raise SteerError(f"{bad} activation row(s) hold NaN or inf: the model produced non-finite activations; "
+                         "drop those samples")
+    row_weights = _row_weights(weights, x.shape[:-1], rows.device)
+    n = dictionary.n_latents
+    total = torch.zeros(n, dtype=torch.float64)
+    chunk = max(1, ENCODE_ELEMENTS // max(n, 1))
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    with torch.no_grad():
+        for start in range(0, rows.shape[0], chunk):
+            codes = dictionary.encode(rows[start:start + chunk].to(dtype))
+            values = codes.values.float()
+            if row_weights is not None:
+                values = values * row_weights[start:start + chunk, None]
+            part = torch.zeros(n, dtype=values.dtype, device=values.device)
+            part.index_add_(0, codes.indices.reshape(-1), values.reshape(-1))
+            total += part.cpu().double()
+    count = float(rows.shape[0]) if row_weights is None else float(row_weights.double().sum())
+    return total / count
+
+
+def concept_from_codes(positive: Tensor, negative: Tensor, top_n: int, sign: str = "both", *,
+                       dictionary: Optional[Dictionary] = None) -> Concept:
+    """The concept of ``positive - negative`` mean codes (``(n_latents,)`` each, e.g. from :func:`mean_codes`).
+
+    Keeps the ``top_n`` features with the largest ``|diff|`` (``sign="both"``) or the largest positive ``diff``
+    (``sign="positive"``: only features the positives add), never an exact zero; weights are ``diff`` there,
+    strongest first (lower id first on ties). ``dictionary``, when given, fills in :attr:`Concept.coverage`."""
+    if sign not in SIGNS:
+        raise SteerError(f"unknown concept sign {sign!r}: use 'both' (largest |difference|) or 'positive' "
+                         "(only features the positives add)")
+    top_n = _top_n(top_n)
+    pos, neg = _code_vector(positive, "positive"), _code_vector(negative, "negative")
+    if pos.shape != neg.shape:
+        raise SteerError(f"positive and negative mean codes have {pos.numel()} and {neg.numel()} latents: compute "
+                         "both with the same dictionary")
+    diff = pos - neg
+    key = diff.abs() if sign == "both" else diff
+    candidates = (key > 0).nonzero().flatten()
+    if candidates.numel() == 0:
+        which = "no feature differs between them" if sign == "both" else "no feature is stronger on the positives"
+        raise SteerError(f"the positive and negative codes give no concept: {which}; use other examples")
+    order = torch.argsort(-key[candidates], stable=True)
+    kept = candidates[order[:top_n]]
+    coverage = math.nan if dictionary is None else _coverage(dictionary, diff, kept)
+    return Concept(tuple(kept.tolist()), tuple(diff[kept].tolist()), coverage)
+
+
+def concept_from_words(index: Any, word: str, top_n: int) -> Concept:
+    """A concept from a feature index (:func:`sae_core.feature_index.open_index`), without generating.
+
+    The features whose associated prompt words (the few best the index keeps per feature) include ``word``
+    (case-insensitive), ranked by word score x mean
+    activation and kept to ``top_n``. The word score is in activation units too (mean image peak with the word
+    minus without), so each weight is the feature's mean activation times its score relative to the best kept
+    score: the best-associated feature adds what it typically reads when it fires, the others in proportion."""
+    top_n = _top_n(top_n)
+    if not isinstance(word, str) or not re.fullmatch(r"[a-z]+", word.strip().lower()):
+        raise SteerError(f"concept word {word!r}: give one word of letters (the index stores prompt words like "
+                         "'seven' or 'giraffe')")
+    word = word.strip().lower()
+    listed = index.summary()["words"]
+    matches = [i for i, words in enumerate(listed) if word in words.lower().split()]
+    scored = []
+    for i in matches:
+        record = index.feature(i)
+        score = next((float(s) for w, s in record["words"] if w.lower() == word), 0.0)
+        if score > 0 and record["mean"] > 0:
+            scored.append((score * float(record["mean"]), i, score, float(record["mean"])))
+    if not scored:
+        raise SteerError(f"no feature of this index is associated with the word {word!r}; words it knows include "
+                         f"{', '.join(_suggestions(listed, word))}")
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    kept = scored[:top_n]
+    best = max(score for _, _, score, _ in kept)
+    return Concept(tuple(i for _, i, _, _ in kept), tuple(mean * score / best for _, _, score, mean in kept))
+
+
+def replace_steers(source: Concept, target: Concept, strength: float = 1.0, **steer_options: Any) -> list[Steer]:
+    """Detect-then-replace ``source`` by ``target``, as two steers for one :func:`~sae_core.steering.steer_function`.
+
+    Both detect the tokens where any of ``source``'s positive-weight features fires (above ``detect_threshold``,
+    default 0), read before either edits. There the first removes ``min(strength, 1)`` of those features'
+    activations (ablate) and the second adds ``target`` at ``strength`` (raw units). Other tokens stay
+    bit-identical. ``steer_options``: window, sigma_range, cond_only, subtract_uncond, mask, where,
+    detect_threshold."""
+    s = _finite(strength, "strength")
+    if s < 0:
+        raise SteerError(f"replace strength {s:g}: use >= 0 (0 = off, 1 = remove the source, add the target once)")
+    if "detect" in steer_options:
+        raise SteerError("replace detects with the source concept's own features; drop detect (use "
+                         "detect_threshold to tune it)")
+    detect = tuple(f for f, w in zip(source.features, source.weights) if w > 0)
+    if not detect:
+        raise SteerError("the source concept has no positive-weight feature to find its tokens by; build it with "
+                         "sign='positive' or swap source and target")
+    ablate = Steer(detect, (min(s, 1.0),), mode="ablate", detect=detect, **steer_options)
+    return [ablate, target.steer(s, detect=detect, **steer_options)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _feature_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise SteerError(f"concept feature {value!r} is not a feature id (a whole number >= 0)")
+    return int(value)
+
+
+def _check_ids(dictionary: Dictionary, features: tuple[int, ...]) -> None:
+    n = dictionary.n_latents
+    outside = [f for f in features if f >= n]
+    if outside:
+        raise DictionaryError(f"concept feature {outside[0]} is out of range: this dictionary has {n} latents "
+                              f"(0..{n - 1}); use the dictionary the concept was built with")
+
+
+def _finite(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise SteerError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _top_n(top_n: Any) -> int:
+    if isinstance(top_n, bool) or not isinstance(top_n, numbers.Integral) or top_n < 1:
+        raise SteerError(f"top_n={top_n!r}: keep at least 1 feature (a whole number)")
+    return int(top_n)
+
+
+def _code_vector(codes: Any, name: str) -> Tensor:
+    v = torch.as_tensor(codes).detach()
+    if v.ndim != 1 or v.numel() == 0:
+        raise SteerError(f"{name} mean codes must be one (n_latents,) vector, got shape {tuple(v.shape)}; "
+                         "average the codes first (mean_codes)")
+    v = v.to("cpu", torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise SteerError(f"{name} mean codes hold NaN or inf; recompute them from finite activations")
+    return v
+
+
+def _row_weights(weights: Optional[Tensor], lead: torch.Size, device: torch.device) -> Optional[Tensor]:
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights).detach()
+    n = math.prod(lead)
+    if w.shape != lead and w.shape != (n,):
+        raise SteerError(f"row weights shaped {tuple(w.shape)} do not fit the activations' rows {tuple(lead)}: give "
+                         "one weight per row")
+    w = w.reshape(-1).to(device, torch.float32)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.double().sum()) > 0:
+        raise SteerError("row weights must be finite, >= 0 and not all 0")
+    return w
+
+
+def _coverage(dictionary: Dictionary, diff: Tensor, kept: Tensor) -> float:
+    if diff.numel() != dictionary.n_latents:
+        raise DictionaryError(f"the mean codes have {diff.numel()} latents but the dictionary has "
+                              f"{dictionary.n_latents}; pass the dictionary that encoded them")
+    rows = dictionary.rows.detach().to("cpu", torch.float64)
+    std = dictionary.standardizer.std.detach().to("cpu", torch.float64)  # normalised -> model space, as direction()
+    full = (diff @ rows * std).norm()
+    part = (diff[kept] @ rows[kept] * std).norm()
+    return float(part / full) if float(full) > 0 else math.nan
+
+
+def _suggestions(listed: list[str], word: str) -> list[str]:
+    """Words the index knows: the closest spellings first, then the most common."""
+    counts: dict[str, int] = {}
+    for words in listed:
+        for w in words.lower().split():
+            counts[w] = counts.get(w, 0) + 1
+    common = sorted(counts, key=lambda w: (-counts[w], w))
+    close = difflib.get_close_matches(word, common, n=3)
+    return list(dict.fromkeys(close + common))[:SUGGESTED_WORDS] or ["(none: the index has no word statistics)"]
