@@ -24,7 +24,7 @@ import torch
 from .errors import ConfigError
 from .normalize import MODES
 
-TRAINABLE_KINDS = ("topk", "batchtopk", "itda")
+TRAINABLE_KINDS = ("topk", "batchtopk", "itda", "matryoshka_batchtopk")
 """The dictionary kinds :func:`~sae_core.train.train_dictionary` builds (others are only read from files)."""
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 """Where an SAE's decoder bias starts."""
@@ -188,7 +188,9 @@ class DictionaryConfig:
     kind: str = spec("topk", choices=TRAINABLE_KINDS)
     """Dictionary kind: 'topk' keeps the k largest latents of each token (Gao et al. 2024); 'batchtopk' keeps
     the batch's tokens x k largest while training and a learned threshold at inference (Bussmann et al.
-    2024); 'itda' grows a dictionary of real activations with their provenance (Leask et al. 2025). Default
+    2024); 'itda' grows a dictionary of real activations with their provenance (Leask et al. 2025);
+    'matryoshka_batchtopk' is a BatchTopK SAE trained to reconstruct from nested prefixes of its latents too
+    (see matryoshka_levels), so the first latents carry the general features (Bussmann et al. 2025). Default
     'topk': the simplest to train, and its sparsity is exactly k."""
     k: int = spec(32, ge=1)
     """Active latents per token (TopK, BatchTopK), or the target L0 of ITDA's encoder; a count. Default 32:
@@ -204,16 +206,29 @@ class DictionaryConfig:
     activations: 'scale' (one scalar making the mean squared norm d_in), 'standardize' (per-dimension mean
     and std) or 'none'. Default 'scale': diffusion residual streams have huge outlier tokens and scales that
     differ by orders of magnitude between blocks, and one scalar tames that without changing the geometry."""
+    matryoshka_levels: int = spec(5, ge=2)
+    """matryoshka_batchtopk: how many nested prefixes of the latents training reconstructs from, each twice
+    the size of the one before: n/2^(levels-1), ..., n/2, n for n latents (rounded down, so n must be at least
+    2^(levels-1)). Other kinds ignore it. Default 5: n/16, n/8, n/4, n/2, n, a coarse level of a sixteenth of
+    the latents and four refinements."""
 
     def __post_init__(self) -> None:
         _validate(self)
         if self.kind != "itda" and self.n_latents is not None and self.k > self.n_latents:
             raise ConfigError(f"training option k={self.k}: must be at most n_latents={self.n_latents}; "
                                   "lower k or widen the dictionary")
+        if self.kind == "matryoshka_batchtopk" and self.n_latents is not None:
+            geometric_prefixes(self.n_latents, self.matryoshka_levels)
 
     def width(self, d_in: int) -> int:
         """The number of latents of an SAE over ``d_in``-wide activations."""
         return self.n_latents or self.expansion_factor * d_in
+
+    def prefixes(self, d_in: int) -> tuple[int, ...] | None:
+        """The nested sizes of a Matryoshka SAE over ``d_in``-wide activations (None for the other kinds)."""
+        if self.kind != "matryoshka_batchtopk":
+            return None
+        return geometric_prefixes(self.width(d_in), self.matryoshka_levels)
 
 
 @dataclass(frozen=True)
@@ -354,3 +369,13 @@ class TrainConfig:
 def default_lr(n_latents: int) -> float:
     """Gao et al.'s scaling: larger dictionaries need smaller steps."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def geometric_prefixes(n_latents: int, levels: int) -> tuple[int, ...]:
+    """``levels`` nested sizes, each half the next, the last ``n_latents``: n/2^(levels-1), ..., n/2, n."""
+    if levels > n_latents.bit_length():  # n >> (levels - 1) would be 0: a prefix without latents
+        raise ConfigError(f"training option matryoshka_levels={levels}: {levels} levels, each prefix half the next, "
+                          f"need n_latents >= 2^{levels - 1} but it is {n_latents}; lower matryoshka_levels or "
+                          "widen the dictionary")
+    return tuple(n_latents >> j for j in reversed(range(levels)))
+

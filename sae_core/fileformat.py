@@ -2,8 +2,8 @@
 
 Layout: the module's state dict as tensors, plus header metadata
 ``{"format": "diffusion-sae", "format_version": "1", "config": <json>, "content_sha256": <hex>}`` where
-``config`` holds kind, d_in, n_latents, k, the site, normalisation and training statistics (see each
-dictionary's ``config()``) and ``content_sha256`` is :func:`content_hash` of the config and the tensors.
+``config`` holds kind, d_in, n_latents, k (and a Matryoshka SAE's nested ``prefixes``), the site,
+normalisation and training statistics (see each dictionary's ``config()``) and ``content_sha256`` is :func:`content_hash` of the config and the tensors.
 Any other layout (SAELens, sparsify, SDLens, seed-A ITDA, Hub ids) is handled by :mod:`sae_core.foreign`.
 
 Loading trusts nothing in the file. The header is validated field by field (types and ranges, see each

@@ -1,8 +1,9 @@
 """Training a dictionary from any stream of activation batches.
 
 One loop for every kind: TopK and BatchTopK SAEs learn by Adam on the FVU
-loss (+ AuxK on dead latents); ITDA grows its dictionary from the inputs it
-reconstructs badly. Both share what a long job needs:
+loss (+ AuxK on dead latents), Matryoshka BatchTopK SAEs on the mean FVU of
+their nested prefixes (see :func:`prefix_fvus`); ITDA grows its dictionary
+from the inputs it reconstructs badly. Both share what a long job needs:
 
 * data: a tensor ``(N, d)`` (shuffled per epoch with the seed), a callable
   returning a fresh iterable, or a re-iterable (list, shard reader); batches
@@ -59,10 +60,10 @@ from .config import TrainConfig, options
 from .dictionary import Dictionary
 from .errors import ConfigError, TrainingError
 from .itda import ITDA
-from .kernels import fused_topk_encode, sparse_decode
+from .kernels import SparseCodes, fused_topk_encode, sparse_decode
 from .metrics import FiringTracker
 from .normalize import fit_standardizer
-from .sae import SparseAutoencoder
+from .sae import BATCH_TOPK_KINDS, SparseAutoencoder
 from .sites.site import Site
 
 log = logging.getLogger("sae_core.train")
@@ -167,7 +168,7 @@ def _build(config: TrainConfig, sample: Tensor, site: Site) -> Dictionary:
         return ITDA(d_in, shape.k, loss_threshold=config.loss_threshold, max_atoms=config.max_atoms,
                     site=site, standardizer=standardizer)
     sae = SparseAutoencoder(d_in, shape.width(d_in), shape.k, shape.kind, site=site, standardizer=standardizer,
-                            seed=config.seed)
+                            seed=config.seed, prefixes=shape.prefixes(d_in))
     xn = standardizer.normalize(sample.float())
     with torch.no_grad():
         if config.b_dec_init == "geometric_median":
@@ -227,7 +228,7 @@ def train_dictionary(
     checkpoint_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Train a TopK / BatchTopK SAE or grow an ITDA dictionary on ``data``.
+    """Train a TopK / BatchTopK / Matryoshka BatchTopK SAE or grow an ITDA dictionary on ``data``.
 
     With ``checkpoint_dir`` the run checkpoints every ``config.checkpoint_every``
     steps and, when started again, resumes from the last checkpoint.
@@ -479,19 +480,18 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
     dead = tracker.dead_mask(config.dead_tokens) if k_aux else None
     enc = fused_topk_encode(
         xn - sae.b_dec, sae.W_enc, sae.b_enc, sae.k,
-        batch_topk=sae.kind == "batchtopk", dead_mask=dead, k_aux=k_aux,
+        batch_topk=sae.kind in BATCH_TOPK_KINDS, dead_mask=dead, k_aux=k_aux,
         compute_dtype=getattr(torch, config.compute_dtype),
     )
-    recon = sparse_decode(enc.codes, sae.W_dec) + sae.b_dec
-    total_var = (xn - xn.mean(0)).pow(2).sum().clamp_min(1e-12)
-    loss = (recon - xn).pow(2).sum() / total_var
+    fvus, recon = prefix_fvus(enc.codes, sae.W_dec, sae.b_dec, xn, sae.prefixes)
+    loss = fvus[-1]  # the whole dictionary's FVU: what every kind logs
     aux_loss = torch.zeros(())
     if enc.aux is not None:
         residual = (xn - recon).detach()
         # The AuxK reconstruction has no decoder bias: adding b_dec here would count it twice.
         aux_recon = sparse_decode(enc.aux, sae.W_dec)
         aux_loss = (aux_recon - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    total = loss + config.auxk_coef * aux_loss
+    total = fvus.mean() + config.auxk_coef * aux_loss
     if world > 1:
         return _sae_step_parallel(sae, optimizer, tracker, enc, loss, aux_loss, total, state, config, world)
     if not torch.isfinite(total):
@@ -519,6 +519,25 @@ def _sae_step(sae: SparseAutoencoder, optimizer, tracker: FiringTracker, x: Tens
         "lr": optimizer.param_groups[0]["lr"],
         "tokens": tracker.tokens,
     }
+
+
+def prefix_fvus(codes: SparseCodes, w_dec: Tensor, b_dec: Tensor, xn: Tensor,
+                prefixes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The FVU of reconstructing ``xn`` from each prefix's latents alone, ``(len(prefixes),)``, and the whole
+    dictionary's reconstruction (the last prefix holds every latent).
+
+    Prefix ``m`` decodes only the codes with index below ``m``, plus ``b_dec``; every FVU divides by the
+    batch's total variance. Training minimises the mean of these (Matryoshka: early latents must reconstruct
+    on their own, so they learn the general features); one prefix, ``(n_latents,)``, is the plain FVU."""
+    total_var = (xn - xn.mean(0)).pow(2).sum().clamp_min(1e-12)
+    values, indices = codes
+    fvus = []
+    for size in prefixes[:-1]:
+        partial = sparse_decode(SparseCodes(values * (indices < size), indices), w_dec) + b_dec
+        fvus.append((partial - xn).pow(2).sum() / total_var)
+    recon = sparse_decode(codes, w_dec) + b_dec
+    fvus.append((recon - xn).pow(2).sum() / total_var)
+    return torch.stack(fvus), recon
 
 
 def _diverged(state: dict, loss: float) -> TrainingError:

@@ -44,7 +44,7 @@ def test_every_option_of_both_configs_has_a_docstring_that_becomes_its_help():
 
 def test_the_options_say_what_front_ends_need_to_know():
     by_name = {o.name: o for o in TRAIN_OPTIONS}
-    assert by_name["kind"].choices == ("topk", "batchtopk", "itda") and by_name["kind"].owner is DictionaryConfig
+    assert by_name["kind"].choices == ("topk", "batchtopk", "itda", "matryoshka_batchtopk") and by_name["kind"].owner is DictionaryConfig
     assert (by_name["k"].type, by_name["k"].min, by_name["k"].default) == (int, 1, 32)
     lr = by_name["lr"]
     assert (lr.optional, lr.min, lr.min_open, lr.default) == (True, 0, True, None)
@@ -120,10 +120,10 @@ def test_the_flat_config_of_older_checkpoints_and_headers_loads():
     assert (config.total_steps, config.warmup_steps, config.loss_threshold, config.seed, config.device) == \
         (2000, 100, 0.25, 3, "cuda")
     assert config.betas == (0.9, 0.999)
-    assert config.flat() == {**CLI_HEADER_CONFIG, "betas": (0.9, 0.999)}
+    assert config.flat() == {**CLI_HEADER_CONFIG, "betas": (0.9, 0.999), "matryoshka_levels": 5}  # added since: its default
     assert TrainConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["dictionary"] == {"kind": "itda", "k": 8, "n_latents": None, "expansion_factor": 16,
-                                              "normalization": "scale"}
+                                              "normalization": "scale", "matryoshka_levels": 5}
 
 
 def test_unknown_options_are_named_with_the_valid_ones_flat_or_nested():

@@ -1,7 +1,7 @@
 """Every damaged dictionary is refused with one line, or loads exactly as its file says.
 
-A seeded mutator damages valid dictionaries of every layout we read (native topk, batchtopk, jumprelu
-and ITDA files; SAELens, sparsify, SDLens and seed-A ITDA folders): header and config fields deleted,
+A seeded mutator damages valid dictionaries of every layout we read (native topk, batchtopk, jumprelu,
+ITDA and Matryoshka BatchTopK files; SAELens, sparsify, SDLens and seed-A ITDA folders): header and config fields deleted,
 retyped or nested deeply; tensors dropped, renamed, reshaped, retyped or given NaN/inf; files truncated,
 emptied, replaced by garbage, flipped bit by bit, or claiming huge sizes. Each case must end within
 CASE_LIMIT_S in one of two ways:
@@ -199,7 +199,7 @@ def raw_damage(rng: random.Random, data: bytes) -> tuple[str, bytes]:
 
 # --- native files ----------------------------------------------------------------------------
 
-NATIVE_KINDS = ["topk", "batchtopk", "jumprelu", "itda"]
+NATIVE_KINDS = ["topk", "batchtopk", "jumprelu", "itda", "matryoshka_batchtopk"]
 NATIVE_DTYPES = [torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.float32]
 CONFIG_MUTATIONS = ("delete field", "retype field", "site field", "huge size")
 BYTE_MUTATIONS = ("flip bytes", "flip data bytes", "raw damage", "huge tensor")
@@ -214,7 +214,8 @@ def native_original(kind: str) -> torch.nn.Module:
         dictionary = ITDA(8, 2, loss_threshold=0.2, max_atoms=100, site=site, standardizer=std)
         dictionary.grow(torch.randn(30, 8, generator=gen) * 3, {"sample_id": torch.arange(30)})
     else:
-        dictionary = SparseAutoencoder(8, 32, 3, kind, site=site, standardizer=std, seed=4)
+        prefixes = (8, 16, 32) if kind == "matryoshka_batchtopk" else None
+        dictionary = SparseAutoencoder(8, 32, 3, kind, site=site, standardizer=std, seed=4, prefixes=prefixes)
         with torch.no_grad():
             dictionary.b_enc.normal_(generator=gen)
             dictionary.b_dec.normal_(generator=gen)
