@@ -95,3 +95,33 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, x_labe
     ax.set(title=title, xlabel=x_label)
     ax.margins(x=0.15)
     return _to_image(fig)
+
+
+def heatmap_chart(values: Any, row_labels: Sequence[str], col_labels: Sequence[str], title: str, x_label: str,
+                  y_label: str, value_format: str = "{:.2f}", vmin: float | None = None, vmax: float | None = None,
+                  colorbar_label: str = "accuracy") -> Image.Image:
+    """A (rows, columns) grid of numbers as coloured cells, each written in, so a reader sees where the values
+    peak without reading the legend and can still read every value exactly; the text is dark on light cells and
+    light on dark ones (NaN cells stay blank)."""
+    import numpy as np
+
+    plt = _pyplot()
+    grid = np.asarray(values, dtype=float).reshape(len(row_labels), len(col_labels))
+    width = min(16.0, max(SIZE[0], 1.6 + 0.85 * len(col_labels) + 0.07 * max(map(len, row_labels), default=0)))
+    fig, ax = plt.subplots(figsize=(width, max(2.4, 1.4 + 0.32 * len(row_labels))))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(col_labels)), list(col_labels))
+    ax.set_yticks(range(len(row_labels)), list(row_labels))
+    ax.tick_params(labelsize="small")
+    low, high = image.norm.vmin, image.norm.vmax
+    for (row, col), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            shade = (value - low) / (high - low) if high > low else 0.5
+            ax.text(col, row, value_format.format(value), ha="center", va="center", fontsize="small",
+                    color="black" if shade > 0.55 else "white")
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    bar_axes = make_axes_locatable(ax).append_axes("right", size=0.2, pad=0.15)  # as tall as the grid, whatever its rows
+    fig.colorbar(image, cax=bar_axes, label=colorbar_label)
+    return _to_image(fig)

@@ -388,6 +388,40 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- probe
+
+
+DIFFC_FILES = ("diffc.json", "diffc.md", "diffc.png")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from organism.data import CLASSES
+
+    from .probe import diffc_table, site_rows
+
+    dictionary = load_dictionary(args.dictionary) if args.dictionary else None  # a bad file: refused before the model loads
+    runner = _runner(args)
+    sites = runner.sites() if args.sites == ["all"] else [runner.site(name) for name in args.sites]
+    rows = site_rows(sites, dictionary, _site_for(runner, dictionary, None) if dictionary is not None else None)
+    start = time.perf_counter()
+    table = diffc_table(runner, rows, args.levels, args.per_class, args.test_fraction, args.seed, args.batch_size)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": args.model, "per_class": args.per_class, "test_fraction": args.test_fraction,
+                "seed": args.seed, "dictionary": args.dictionary, "prompt": "", "seconds": round(seconds, 1)}
+    (out / "diffc.json").write_text(json.dumps({**table.to_json(), "settings": settings}, indent=1))
+    (out / "diffc.md").write_text(table.markdown() + "\n")
+    table.heatmap(f"Diff-C probe accuracy: {args.model}").save(out / "diffc.png")
+    site, level, accuracy = table.best()
+    say(table.markdown())
+    short = table.n_train + table.n_test < len(CLASSES) * args.per_class
+    shortfall = " (fewer where the held-out split has fewer)" if short else ""
+    say(f"best: {site} at {level:g}, accuracy {accuracy:.3f} (chance {table.chance:.3f}); {args.per_class} images per "
+        f"class{shortfall}, {seconds:.0f} s; " + ", ".join(DIFFC_FILES) + f" written to {out}/")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -554,6 +588,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo.add_argument("--quick", action="store_true", help="a smaller run (for tests and a first look)")
     demo.add_argument("--out", type=FOLDER, default="runs/demo")
 
+    pr = add("probe", "Diff-C (Revelio): how well a linear probe reads the class of the organism's held-out real "
+             "images off each site's mean-pooled activations, at each noise level (organism pipelines only)", cmd_probe)
+    pr.add_argument("--model", type=TEXT, default="organism-flux",
+                    help="organism-flux, organism-unet or a folder holding an organism pipeline; other pipelines are "
+                         "not supported yet (their real-image route is the ComfyUI capture node)")
+    pr.add_argument("--device", type=Device(), default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")
+    pr.add_argument("--sites", type=TEXT, nargs="+", default=["all"],
+                    help="'all' (default) or site names, e.g. double_blocks.1:image (capture --list-sites shows them)")
+    pr.add_argument("--levels", type=FRACTION, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    help="noise levels as sampling progress of a 20-step schedule (0 = pure noise, 1 = the last step)")
+    pr.add_argument("--per-class", type=Number(int, min=2), default=20,
+                    help="held-out images per class (20 classes; fewer where the split has fewer)")
+    pr.add_argument("--test-fraction", type=Number(float, min=0.0, max=1.0, min_open=True, max_open=True), default=0.5,
+                    help="share of each class's images the probe is scored on (the rest train it)")
+    pr.add_argument("--dictionary", type=TEXT, default=None,
+                    help="also probe this dictionary's codes (mean-pooled over tokens) at its site, as one more row")
+    pr.add_argument("--batch-size", type=COUNT, default=64, help="images per denoiser pass")
+    pr.add_argument("--out", type=FOLDER, default="runs/probe", help="writes " + ", ".join(DIFFC_FILES))
+
     ship = add("organism-dictionaries", "rebuild the dictionaries (and feature indexes) the plugin ships for its "
                "model organisms", cmd_organism_dictionaries)
     ship.add_argument("--out", type=FOLDER, default="models/sae", help="where to write them (the plugin's own)")
@@ -603,12 +657,28 @@ def _check_eval(args: argparse.Namespace) -> None:
         _check_model(args)
 
 
+def _check_probe(args: argparse.Namespace) -> None:
+    from sae_core import InputError
+
+    from .runner import ORGANISMS, check_model, pipeline_class
+
+    folder = check_model(args.model)
+    if folder is None or not pipeline_class(folder).startswith("Organism"):
+        raise InputError(f"probe runs on the organism pipelines ({', '.join(ORGANISMS)} or a folder holding one), "
+                         f"not {args.model}: other pipelines are not supported yet")
+    if "all" in args.sites and len(args.sites) > 1:
+        raise ConfigError("--sites: give 'all' alone, or site names without 'all'")
+    for flag, values in (("--sites", args.sites), ("--levels", args.levels)):
+        if len(set(values)) < len(values):
+            raise ConfigError(f"{flag}: each value once, please (got {' '.join(map(str, values))})")
+
+
 def _check_synthetic(args: argparse.Namespace) -> None:
     _synthetic_config(args)
 
 
 CHECKS = {"synthetic": _check_synthetic, "capture": _check_capture, "train": _check_train, "eval": _check_eval,
-          "atlas": _check_model, "steer": _check_model}
+          "atlas": _check_model, "steer": _check_model, "probe": _check_probe}
 """Per subcommand, what its options must satisfy together (each value alone was checked while parsing)."""
 
 

@@ -163,22 +163,33 @@ class Runner:
     def denoise_once(self, image: Tensor, prompt: str, progress: float, seed: int,
                      site_functions: Mapping[Site, SiteFunction]) -> None:
         """One denoiser pass on ``image`` noised to where a 20-step sampling stands at ``progress`` (0..1)."""
+        self.denoise_batch(image, prompt, progress, [seed], site_functions)
+
+    def denoise_batch(self, images: Tensor, prompt: str, progress: float, seeds: Sequence[int],
+                      site_functions: Mapping[Site, SiteFunction]) -> None:
+        """:meth:`denoise_once` for a batch (B, 1, 32, 32) in one denoiser call, image ``i`` noised from seed
+        ``seeds[i]``: each image gets the noise it would get alone, so batching changes no activation."""
         self._require_organism("capturing real images")
         from organism.models import to_latent
 
+        if len(seeds) != images.shape[0]:
+            raise InputError(f"denoise_batch got {images.shape[0]} images and {len(seeds)} seeds: give one seed per image")
         pipe, scheduler = self.pipe, self.pipe.scheduler
         scheduler.set_timesteps(20)
         index = min(max(int(round(progress * (len(scheduler.timesteps) - 1))), 0), len(scheduler.timesteps) - 1)
         t = scheduler.timesteps[index]
         sigma = float(scheduler.sigmas[index])
-        x0 = to_latent(image)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed)))
+        x0 = to_latent(images)
+        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(int(seed)))
+                           for seed in seeds])
         x = (1 - sigma) * x0 + sigma * noise if self.kind == "OrganismFluxPipeline" else x0 + sigma * noise
         encoded = shared_prompt_encoding(prompt)
+        batch = x0.shape[0]
+        tokens, pooled = encoded.tokens.expand(batch, -1, -1), encoded.pooled.expand(batch, -1)
         device = next(self.denoiser.parameters()).device
-        context = {"sigma": sigma, "progress": index / max(len(scheduler.timesteps) - 1, 1), "cond": torch.ones(1)}
+        context = {"sigma": sigma, "progress": index / max(len(scheduler.timesteps) - 1, 1), "cond": torch.ones(batch)}
         with torch.no_grad(), attach(self.denoiser, site_functions, context=lambda: context):
-            pipe.predict(pipe.scale_model_input(x, t).to(device), t, encoded.tokens.to(device), encoded.pooled.to(device))
+            pipe.predict(pipe.scale_model_input(x, t).to(device), t, tokens.to(device), pooled.to(device))
 
     def _require_organism(self, what: str) -> None:
         if not self.is_organism:
