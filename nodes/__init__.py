@@ -6,19 +6,21 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import organism_nodes
 from .capture_nodes import SAECaptureActivations
+from .concept_nodes import SAESteerByConcept, SAESteerSweep
 from .common import register_sae_folder
 from .dictionary_nodes import SAELoadDictionary, SAETrainDictionary
 from .image_capture_nodes import SAECaptureFromImages
 from .index_nodes import SAEBuildFeatureIndex
 from .inspect_nodes import SAEFeatureHeatmap, SAERecordFeatures, SAETopFeatures
 from .label_nodes import SAELabelFeatures
+from .probe_nodes import SAEDiffCProbe
 from .routes import register_routes
 from .steer_nodes import SAESteer
 
 NODES: list[type[io.ComfyNode]] = [
     SAELoadDictionary, SAETrainDictionary, SAECaptureActivations, SAECaptureFromImages, SAESteer,
-    SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, SAEBuildFeatureIndex,
-    SAELabelFeatures, *organism_nodes.NODES,
+    SAESteerByConcept, SAESteerSweep, SAERecordFeatures, SAEFeatureHeatmap, SAETopFeatures, SAEBuildFeatureIndex,
+    SAELabelFeatures, SAEDiffCProbe, *organism_nodes.NODES,
 ]
 
 

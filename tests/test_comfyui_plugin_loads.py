@@ -38,7 +38,7 @@ def test_comfyui_registers_the_v3_nodes_of_the_entry_point_with_their_display_na
     extension = asyncio.run(plugin.comfy_entrypoint())
     assert isinstance(extension, ComfyExtension)
     listed = asyncio.run(extension.get_node_list())
-    assert listed == plugin.nodes.NODES and len(listed) == 14
+    assert listed == plugin.nodes.NODES and len(listed) == 17
     for node in listed:
         schema = node.GET_SCHEMA()
         assert nodes.NODE_CLASS_MAPPINGS[schema.node_id] is node and issubclass(node, io.ComfyNode)
