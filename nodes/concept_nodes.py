@@ -23,9 +23,10 @@ from ..sae_core import (MODES, UNITS, Concept, Dictionary, InputError, ScheduleE
                         replace_steers, steer_function)
 from ..sae_core.feature_index import FeatureIndex, index_folder_for, open_index
 from ..sae_core.plots import bar_chart
-from .adapters import patch_site
+from .adapters import adapter_for, patch_site
 from .common import (CATEGORY, DICTIONARY, check_choices, mask_2d, parse_features, pil_to_image, require_choices,
                      require_linked, resolve_site, sae_files, site_input, window, window_inputs)
+from .image_capture_nodes import check_conditioning, model_latent_channels
 from .index_nodes import dictionary_path_or_error, encode
 
 DEFAULT_TOP_N = 8
@@ -38,6 +39,8 @@ SOURCES = ("prompts", "words")
 CONCEPT_MODES = ("add", "replace")
 MAX_CELLS = 64
 """A sweep's most cells: each is one full sampling."""
+MAX_STRENGTH = 100.0
+"""The Steer node's strength range, for the sweep's typed strengths too."""
 MIN_CELL = 96
 """Grid cells and concept tiles smaller than this many pixels are enlarged (nearest) to at least it."""
 GAP = 4
@@ -237,11 +240,29 @@ class Sampling:
 
         if not isinstance(self.latent, dict) or not isinstance(self.latent.get("samples"), Tensor):
             raise InputError("latent is not a LATENT: connect an empty latent (e.g. Empty Organism Latent)")
-        samples = comfy.sample.fix_empty_latent_channels(model, self.latent["samples"])
+        if not math.isfinite(self.cfg):  # NaN passes ComfyUI's range check, and would make every sample NaN
+            raise InputError(f"cfg {self.cfg}: use a finite guidance scale, e.g. 4")
+        samples = fitted_latent(self.latent["samples"], model)
         noise = comfy.sample.prepare_noise(samples, self.seed, self.latent.get("batch_index"))
         return comfy.sample.sample(model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler, positive,
                                    negative, samples, noise_mask=self.latent.get("noise_mask"), disable_pbar=True,
                                    seed=self.seed)
+
+
+def fitted_latent(samples: Tensor, model) -> Tensor:
+    """``samples`` as KSampler gives them to the model (an all-zero latent widened to its channels); InputError,
+    in one line, for a latent it cannot sample (another model's channels, a video latent for an image model, an
+    empty batch) instead of a shape error from deep inside the model."""
+    import comfy.sample
+
+    dims = 2 + int(getattr(model.model.latent_format, "latent_dimensions", 2))
+    channels = model_latent_channels(model)
+    if samples.ndim == dims and 0 not in samples.shape:
+        samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        if samples.shape[1] == channels:
+            return samples
+    raise InputError(f"latent has shape {tuple(samples.shape)} but the model samples {dims - 2}-d latents of "
+                     f"{channels} channels: connect an empty latent made for this model")
 
 
 def positive_prompts(text: str) -> list[str]:
@@ -449,6 +470,7 @@ class SAESteerSweep(io.ComfyNode):
             plans = [[[Steer(ids, s, mode=mode, units=units, window=w, cond_only=cond_only)] for s in columns]
                      for _, w in rows]
         functions = [[steer_function(sae, steers) for steers in row] for row in plans]  # validated before sampling
+        check_sampling_inputs(model, vae, positive, negative)
         sampling = Sampling(latent, seed, steps, cfg, sampler_name, scheduler)
         bar = comfy.utils.ProgressBar(len(rows) * len(columns))
         images = []
@@ -466,12 +488,24 @@ class SAESteerSweep(io.ComfyNode):
 
 def decode(vae, samples: Tensor) -> Tensor:
     """The samples' pictures, as VAE Decode gives them (a video's frames one after another)."""
-    if vae is None or not hasattr(vae, "decode"):
-        raise InputError("vae is not a VAE: connect one (Load Checkpoint, or Load Model Organism's vae)")
     images = vae.decode(samples)
     if images.ndim == 5:
         images = images.reshape(-1, *images.shape[-3:])
     return images
+
+
+def check_sampling_inputs(model, vae, positive, negative) -> None:
+    """Refuse, before the first cell is sampled, what is not a MODEL, a positive or negative that is not this
+    model's CONDITIONING, and what is not a VAE or is one for another model's latents."""
+    adapter_for(model)  # an InputError for what is not a MODEL
+    check_conditioning(positive, model, "positive")
+    check_conditioning(negative, model, "negative")
+    if vae is None or not hasattr(vae, "decode"):
+        raise InputError("vae is not a VAE: connect one (Load Checkpoint, or Load Model Organism's vae)")
+    made, taken = getattr(vae, "latent_channels", None), model_latent_channels(model)
+    if made is not None and int(made) != taken:
+        raise InputError(f"the VAE decodes {made}-channel latents but the model makes {taken}: connect the VAE that "
+                         "belongs to this model")
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -488,6 +522,9 @@ def parse_strengths(text: str) -> list[float]:
                 from None
         if not math.isfinite(value):
             raise SteerError(f"strength {part!r} is not a finite number: type numbers such as 0.1")
+        if abs(value) > MAX_STRENGTH:
+            raise SteerError(f"strength {part!r} is beyond +-{MAX_STRENGTH:g}, the Steer node's range: far past the "
+                             "point where pictures turn to texture; type a smaller number")
         values.append(value)
     return values
 

@@ -90,19 +90,18 @@ def check_vae_fits(vae, model, images: torch.Tensor) -> None:
                          f"VAE ({scale}x{scale}): use larger images")
 
 
-def check_conditioning(positive: Any, model) -> None:
-    """Refuse conditioning that is not CONDITIONING, or whose text tokens have another width than the model's
-    text input (a prompt encoded for another model)."""
+def check_conditioning(conditioning: Any, model, name: str = "positive") -> None:
+    """Refuse conditioning (the input ``name``) that is not CONDITIONING, or whose text tokens have another width
+    than the model's text input (a prompt encoded for another model)."""
     try:
-        tokens = positive[0][0]
+        tokens = conditioning[0][0]
     except (TypeError, IndexError, KeyError):
         tokens = None
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
-        raise InputError("positive is not CONDITIONING: connect a text encoder's output (Revelio: CLIPTextEncode "
-                         "with an empty prompt)")
+        raise InputError(f"{name} is not CONDITIONING: connect a text encoder's output (e.g. CLIPTextEncode)")
     width = _text_width(model)
     if width and tokens.shape[-1] != width:
-        raise InputError(f"positive has {tokens.shape[-1]}-wide text tokens but the model takes {width}: "
+        raise InputError(f"{name} has {tokens.shape[-1]}-wide text tokens but the model takes {width}: "
                          "encode the prompt with this model's text encoder")
 
 

@@ -230,8 +230,10 @@ class SAEDiffCProbe(io.ComfyNode):
             node_id="SAEDiffCProbe",
             display_name="Diff-C Probe",
             category=f"{CATEGORY}/inspect",
-            description=("Where do the model's semantics live? (Revelio's Diff-C) Real images of a folder with one "
-                         "subfolder per class are noised to each level and passed once through the model with an "
+            description=("Where do the model's semantics live? (Revelio's Diff-C) Real images of a folder in "
+                         "ComfyUI's input folder, one subfolder per class named by it (input/probe/animals/cat/"
+                         "*.png, input/probe/animals/dog/*.png: at least 2 classes of at least 2 images), are "
+                         "noised to each level and passed once through the model with an "
                          "empty prompt; a light linear classifier is trained on the pooled activations of each "
                          "site at each level and tested on held-out images. Shows the test accuracies as a "
                          "heatmap and a table (chance is noted beside them)."),

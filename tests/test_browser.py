@@ -2,7 +2,8 @@
 
 Open the "SAE features" sidebar tab, see the shipped organism dictionary's features with thumbnails and labels,
 search one, open it, click "use in Steer", see the Steer node's preview change, queue the workflow and get an
-image; and every example workflow opens from the template route as a graph with all its nodes known.
+image; every example workflow opens from the template route as a graph with all its nodes known; the steer-by-concept
+example queues and shows its concept's pictures and the sweep's grid on its nodes.
 
 Chromium is Debian's (scripts/setup_browser.sh installs it), driven by Playwright through ``executable_path``.
 Without it the tests skip, except under CI (``CI`` set), where a skip would hide a missing check: they fail.
@@ -27,7 +28,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DICTIONARY = "organism_flux_db1_image.safetensors"
 STEER_WORKFLOW = "organism_flux_steer"
+CONCEPT_WORKFLOW = "organism_steer_by_concept"
 TIMEOUT_MS = 60_000
+SWEEP_TIMEOUT_S = 240
+"""The sweep samples 8 cells: seconds on an idle CPU, but the server's two threads slow ten-fold on a busy one."""
 
 
 def _need_browser():
@@ -64,6 +68,7 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # "Introducing Nodes 2.0"
         page.set_default_timeout(TIMEOUT_MS)
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
@@ -143,17 +148,7 @@ def test_a_feature_found_in_the_sidebar_goes_into_steer_and_the_workflow_samples
     page.wait_for_function(f"() => !document.querySelector(\".dsae-steer figure[data-feature='{feature}']"
                            f" figcaption\").textContent.endsWith('#{feature}')")
 
-    before = _history(url)
-    page.evaluate("() => app.queuePrompt(0)")
-    deadline = time.monotonic() + TIMEOUT_MS / 1000
-    while time.monotonic() < deadline:
-        done = {k: v for k, v in _history(url).items() if k not in before and v["status"].get("completed") is not None}
-        if done:
-            break
-        time.sleep(0.2)  # bounded polling of the server's queue
-    else:
-        raise TimeoutError("the queued workflow did not finish")
-    (entry,) = done.values()
+    entry = _queue(page, url)
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
     assert images
@@ -168,6 +163,53 @@ def test_a_feature_found_in_the_sidebar_goes_into_steer_and_the_workflow_samples
     page.wait_for_timeout(300)
     screenshot(page, "steer_node.png")
     assert not page.errors, page.errors
+
+
+def test_the_steer_by_concept_template_queues_and_shows_the_concept_and_the_sweep_grid(server, page):
+    url, _ = server
+    workflow = template(url, CONCEPT_WORKFLOW)
+    page.evaluate("async (wf) => await app.loadGraphData(wf)", workflow)
+    ids = {node["type"]: str(node["id"]) for node in workflow["nodes"]}
+    entry = _queue(page, url, timeout_s=SWEEP_TIMEOUT_S)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    outputs = entry["outputs"]
+    assert "seven" in outputs[ids["SAESteerByConcept"]]["text"][0]  # the concept's features, named by their words
+    assert outputs[ids["SAESteerByConcept"]]["images"]  # their strongest pictures
+    assert len(outputs[ids["PreviewImage"]]["images"]) == 1  # the sweep's grid, one picture
+    shown = """(ids) => ids.every((id) => {  // the pictures arrived in the page and are drawn on their nodes
+        const imgs = app.graph.getNodeById(Number(id)).imgs || [];
+        return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+    })"""
+    page.wait_for_function(shown, arg=[ids["SAESteerByConcept"], ids["PreviewImage"], ids["SAESteerSweep"]])
+    page.set_viewport_size({"width": 1600, "height": 1420})
+    page.evaluate("""async (preview) => {  // the whole graph, nothing over it, the grid large enough to read
+        const sidebar = app.extensionManager.sidebarTab;
+        if (sidebar.activeSidebarTabId) sidebar.toggleSidebarTab(sidebar.activeSidebarTabId);
+        await app.extensionManager.setting.set("Comfy.Graph.CanvasInfo", false);
+        await app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
+        app.graph.getNodeById(Number(preview)).setSize([460, 300]);
+        app.canvas.ds.scale = 0.85;
+        app.canvas.ds.offset = [0, 60];
+        app.graph.setDirtyCanvas(true, true);
+    }""", ids["PreviewImage"])
+    page.wait_for_timeout(300)
+    screenshot(page, "steer_by_concept_node.png")
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    assert not page.errors, page.errors
+
+
+def _queue(page, url: str, timeout_s: float = TIMEOUT_MS / 1000) -> dict:
+    """Queue the graph the page shows, as the Run button does, and return its finished history entry."""
+    before = _history(url)
+    page.evaluate("() => app.queuePrompt(0)")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [v for k, v in _history(url).items() if k not in before and v["status"].get("completed") is not None]
+        if done:
+            (entry,) = done
+            return entry
+        time.sleep(0.2)  # bounded polling of the server's queue
+    raise TimeoutError("the queued workflow did not finish")
 
 
 def _history(url: str) -> dict:

@@ -72,7 +72,7 @@ class Tally:
         areas = sorted({area for area, _ in self.outcomes if area != "broken"})
         lines = [f"{title}: {sum(n for (a, _), n in self.outcomes.items() if a != 'broken')} cases in {seconds:.1f} s"]
         for area in areas:
-            lines.append(f"  {area:<12} " + ", ".join(f"{self.outcomes[(area, o)]} {o}"
+            lines.append(f"  {area:<22} " + ", ".join(f"{self.outcomes[(area, o)]} {o}"
                                                        for o in ("refused", "started", "built")
                                                        if self.outcomes[(area, o)]))
         broken = {kind: n for (a, kind), n in self.outcomes.items() if a == "broken"}
@@ -107,6 +107,7 @@ def sentinels(monkeypatch, tmp_path: Path) -> dict[str, argparse.Namespace]:
     import training.demo
     import training.organism_build
     import training.runner
+    import training.shipped
 
     monkeypatch.chdir(tmp_path)
     seen: dict[str, argparse.Namespace] = {}
@@ -115,7 +116,8 @@ def sentinels(monkeypatch, tmp_path: Path) -> dict[str, argparse.Namespace]:
         raise WorkStarted()
 
     for module, name in [(training.runner, "load_runner"), (cli, "train_dictionary"), (cli, "superposition_data"),
-                         (cli, "evaluate"), (training.organism_build, "build_denoiser"), (training.demo, "run_demo")]:
+                         (cli, "evaluate"), (training.organism_build, "build_denoiser"), (training.demo, "run_demo"),
+                         (training.shipped, "build_shipped")]:
         monkeypatch.setattr(module, name, start)
     for name in [n for n in vars(cli) if n.startswith("cmd_")]:
         monkeypatch.setattr(cli, name, _recording(getattr(cli, name), seen))
@@ -213,10 +215,14 @@ def base_argv(command: str, ws: Path, out: Path) -> list[str]:
         "steer": ["steer", "--dictionary", dictionary, "--prompt", "a cat", "--features", "1",
                   "--out", str(out / "s.png")],
         "demo": ["demo", "--out", str(out)],
+        "probe": ["probe", "--out", str(out)],
+        "steer-lab": ["steer-lab", "--out", str(out)],
+        "organism-dictionaries": ["organism-dictionaries", "--out", str(out)],
     }[command]
 
 
-COMMANDS = ("synthetic", "organism", "capture", "train", "eval", "atlas", "steer", "demo")
+COMMANDS = ("synthetic", "organism", "capture", "train", "eval", "atlas", "steer", "demo", "probe",
+            "organism-dictionaries", "steer-lab")
 
 
 def flags_of(command: str) -> dict[str, argparse.Action]:
@@ -353,7 +359,32 @@ def flag_cases(action: argparse.Action, ws: Path, rng: random.Random) -> list[tu
     return cases
 
 
+def default_cases(action: argparse.Action) -> list[tuple[list[str], str, Any]]:
+    """The option given its own default explicitly, which must arrive as that value: every subcommand's fuzz then
+    reaches its work, however few drawn values it takes (probe runs on the organisms alone)."""
+    if action.nargs == 0 or action.default is None:
+        return []
+    texts = ["all" if d is None else str(d) for d in
+             (action.default if isinstance(action.default, (list, tuple)) else [action.default])]
+    values = [default_value(action.type, text) for text in texts]
+    flag = action.option_strings[-1]
+    if action.nargs is None:
+        return [([f"{flag}={texts[0]}"], EITHER, values[0])]
+    return [([flag, *texts], EITHER, values)]
+
+
+def default_value(kind: Any, text: str) -> Any:
+    if isinstance(kind, Number):
+        return kind.kind(text)
+    return span_oracle(text)[1] if isinstance(kind, Span) else text
+
+
 # ----------------------------------------------------------------------------- flags
+
+
+def test_the_fuzz_covers_every_subcommand():
+    """A new subcommand needs its base run here and a sentinel where its work starts, or the fuzz would skip it."""
+    assert sorted(cli.build_parser()[1]) == sorted(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -367,7 +398,8 @@ def test_every_flag_value_is_refused_in_one_line_before_any_work_or_arrives_unch
     rng, tally, started = random.Random(SEED), Tally(), time.perf_counter()
     for command in COMMANDS:
         flags = flags_of(command)
-        table = [(case, action) for action in flags.values() for case in flag_cases(action, workspace, rng)]
+        table = [(case, action) for action in flags.values()
+                 for case in flag_cases(action, workspace, rng) + default_cases(action)]
         for n, ((tail, expectation, value), action) in enumerate(table):
             out = tmp_path / f"{command}-{n}"
             argv = base_argv(command, workspace, out) + tail
@@ -411,12 +443,37 @@ def test_every_flag_value_is_refused_in_one_line_before_any_work_or_arrives_unch
     ("synthetic", ["--samples", "5"], "argument --samples: must be at least 10"),
     ("organism", ["--lr", "0"], "argument --lr: must be above 0, not 0"),
     ("demo", ["--seed", "-3"], "argument --seed: must be at least 0, not -3"),
+    ("probe", ["--per-class", "1"], "argument --per-class: must be at least 2, not 1"),
+    ("probe", ["--test-fraction", "1"], "argument --test-fraction: must be below 1, not 1"),
+    ("probe", ["--levels", "0.5", "nan"], "argument --levels: must be a finite number, not nan"),
+    ("probe", ["--levels", "0.5", "0.5"], "--levels: each value once, please (got 0.5 0.5)"),
+    ("probe", ["--sites", "all", "double_blocks.0:image"], "--sites: give 'all' alone"),
+    ("probe", ["--model", "someone/a-pipeline"], "probe runs on the organism pipelines"),
+    ("probe", ["--dictionary", "missing.safetensors"], "missing.safetensors: no such file or folder"),
+    ("organism-dictionaries", ["--seed", "x"], "argument --seed: 'x' is not a whole number"),
 ])
 def test_named_mistakes_say_what_is_wrong_in_one_line(command, flags, message, workspace, sentinels, tmp_path):
     outcome = run_main(base_argv(command, workspace, tmp_path / "out") + flags, sentinels)
     assert not outcome.started and outcome.code == 2
     assert outcome.stderr.startswith("error: ") and outcome.stderr.count("\n") == 1 and message in outcome.stderr, \
         outcome.stderr
+
+
+def test_probe_refuses_a_pipeline_that_is_not_an_organism_and_reads_its_dictionary_before_the_model(
+        workspace, sentinels, tmp_path):
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    for flags, message in ((["--model", str(flux)], f"not {flux}: other pipelines are not supported yet"),
+                           (["--dictionary", str(workspace / "prompts.txt")], "is not a dictionary layout"),
+                           (["--dictionary", str(workspace / "a_folder")], "no dictionary layout recognised")):
+        outcome = run_main(base_argv("probe", workspace, tmp_path / "out") + flags, sentinels)
+        assert not outcome.started and outcome.code == 2, flags
+        assert outcome.stderr.count("\n") == 1 and message in outcome.stderr, outcome.stderr
+    outcome = run_main(base_argv("probe", workspace, tmp_path / "out") + ["--model", "organism-unet", "--dictionary",
+                                                                           str(workspace / "dictionary.safetensors")],
+                       sentinels)
+    assert outcome.started and outcome.args.model == "organism-unet"
 
 
 def test_capture_from_real_images_reads_the_folder_before_the_model(workspace, sentinels, tmp_path):

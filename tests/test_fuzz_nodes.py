@@ -60,6 +60,11 @@ SIGMA_BAND = (0.5, 2.0)
 lets the steer act, one above it keeps it out."""
 TOKENS = 16
 """Image tokens of the tiny Flux's 8x8 latent."""
+PROBE_FOLDER = "fuzz_probe"
+"""A class-per-subfolder folder in ComfyUI's input folder: classes a and b of PROBE_IMAGES 32x32 images each."""
+PROBE_IMAGES = 3
+ORGANISM_DICTIONARY = "organism_flux_db1_image.safetensors"
+"""The plugin's shipped dictionary of the Flux organism, with its feature index beside it."""
 
 NAN, INF = math.nan, math.inf
 FLOATS = [NAN, INF, -INF, -1.0, 1e308, "abc", None, [], {"__value__": "x"}]
@@ -308,8 +313,9 @@ def random_features(rng: random.Random) -> str:
 
 
 OUTCOMES: Counter = Counter()
-PLAIN_SHA: list[str] = []
-"""The unsteered tiny Flux sample's sha256 (set by the fuzz fixture)."""
+PLAIN_SHA: dict[str, str] = {}
+"""The unsteered one-step sample's sha256 of the tiny Flux ("flux") and of the Flux organism ("organism"), set by
+the fuzz fixture."""
 _names = count()
 
 
@@ -325,8 +331,9 @@ def output_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def fuzz(comfy, one_thread, request):  # noqa: F811
-    """ComfyUI with our plugin, the test nodes, a width-64 dictionary in models/sae and a shards folder; prints
-    the counts per node and outcome when the module ends."""
+    """ComfyUI with our plugin, the test nodes, a width-64 dictionary in models/sae, a shards folder and the
+    probe's class folders in input/; prints the counts per node and outcome when the module ends."""
+    import folder_paths
     import nodes
 
     nodes.NODE_CLASS_MAPPINGS.update({**TEST_NODES, **IMAGE_TEST_NODES, **FUZZ_NODES})
@@ -336,7 +343,9 @@ def fuzz(comfy, one_thread, request):  # noqa: F811
                               batch_size=128, warmup_steps=1)
     core.save_dictionary(core.train_dictionary(acts, config).dictionary, comfy.sae_dir / "fuzz64.safetensors")
     comfy.execute_graph(capture_graph("sae_activations/fuzz_shards"))
-    PLAIN_SHA[:] = [latent_sha(comfy.execute_graph(one_step_sampling()))]
+    PLAIN_SHA.update(flux=latent_sha(comfy.execute_graph(one_step_sampling())),
+                     organism=latent_sha(comfy.execute_graph(organism_sampling(("1", 0)))))
+    write_probe_folders(Path(folder_paths.get_input_directory()))
     with pytest.MonkeyPatch.context() as patch:
         import huggingface_hub.constants
 
@@ -464,12 +473,92 @@ def organism_decode_graph() -> dict:
             "22": {"class_type": "SAETestKeep", "inputs": {"label": "decoded", "image": ["20", 0]}}}
 
 
+def write_probe_folders(root: Path) -> None:
+    """PROBE_FOLDER in ComfyUI's input folder, and beside it folders that are wrong or odd in one way each: one
+    class, images smaller than a latent, images of every PIL mode and size, a file that is not an image."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+
+    def picture(size: tuple[int, int] = (32, 32)) -> Image.Image:
+        return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy())
+
+    def save(folder: str, pictures: dict[str, list[Image.Image]], suffix: str = ".png") -> None:
+        for name, images in pictures.items():
+            (root / folder / name).mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                image.save(root / folder / name / f"{i}{suffix}")
+
+    save(PROBE_FOLDER, {name: [picture() for _ in range(PROBE_IMAGES)] for name in "ab"})
+    save("fuzz_probe_one", {"a": [picture(), picture()]})
+    save("fuzz_probe_tiny", {name: [picture((4, 4)), picture((4, 4))] for name in "ab"})
+    save("fuzz_probe_modes", {"a": [picture().convert(mode) for mode in ("L", "1", "P", "RGBA", "I;16")],
+                              "b": [picture((80, 48)), picture().convert("LA"), picture()]})
+    save("fuzz_probe_jpeg", {name: [picture().convert("CMYK"), picture()] for name in "ab"}, ".jpg")
+    save("fuzz_probe_broken", {name: [picture(), picture()] for name in "ab"})
+    (root / "fuzz_probe_broken" / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+def organism_sampling(model_link: tuple[str, int]) -> dict:
+    """The Flux organism (node 1) sampled for one step from a prompt by KSampler (node 3), its latent kept (node 4);
+    the organism's empty latent is node 7."""
+    return {
+        "1": {"class_type": "SAELoadModelOrganism", "inputs": {"family": "flux", "folder": ""}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a handwritten one"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "7": {"class_type": "SAEEmptyOrganismLatent", "inputs": {"batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "model": list(model_link), "seed": 0, "steps": 1, "cfg": 2.0, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0],
+            "denoise": 1.0}},
+        "4": {"class_type": "SAETestKeepLatent", "inputs": {"samples": ["3", 0]}},
+    }
+
+
+def concept_graph() -> dict:
+    """Steer by Concept (node 20) measuring a seven against the empty prompt in one step each, then sampling."""
+    graph = organism_sampling(("20", 0))
+    graph["20"] = {"class_type": "SAESteerByConcept", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "dictionary": ORGANISM_DICTIONARY, "site": "", "source": "prompts",
+        "positive": "a handwritten seven", "negative": "", "top_n": 4, "strength": 1.0, "mode": "add",
+        "window_start": 0.0, "window_end": 1.0, "cond_only": True, "latent": ["7", 0], "seed": 0, "steps": 1,
+        "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple"}}
+    return graph
+
+
+def sweep_graph() -> dict:
+    """Steer Sweep (node 20) on the tiny Flux: strengths 0 and 1 of one feature, one window; both outputs kept."""
+    return {
+        "1": {"class_type": "SAETestTinyFlux", "inputs": {"seed": 0}},
+        "2": {"class_type": "SAETestTinyInputs", "inputs": {"seed": 1, "batch": 1}},
+        "5": {"class_type": "SAETestTinyVAE", "inputs": {"seed": 0}},
+        "10": {"class_type": "SAELoadDictionary", "inputs": {"dictionary": "fuzz64.safetensors", "hub_id": ""}},
+        "20": {"class_type": "SAESteerSweep", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent": ["2", 2], "vae": ["5", 0],
+            "seed": 0, "steps": 1, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "site": SITE,
+            "features": "3", "mode": "add", "units": "token_norm", "strengths": "0, 1", "windows": "0-1",
+            "cond_only": True, "dictionary": ["10", 0]}},
+        "21": {"class_type": "SAETestKeep", "inputs": {"label": "sweep", "image": ["20", 1], "reference": ["20", 0]}},
+    }
+
+
+def probe_graph() -> dict:
+    """Diff-C Probe (node 20) of PROBE_FOLDER on the tiny U-Net and VAE, one site at one level."""
+    return {
+        "1": {"class_type": "SAETestTinySD15", "inputs": {"seed": 0}},
+        "2": {"class_type": "SAETestTinyVAE", "inputs": {"seed": 0}},
+        "20": {"class_type": "SAEDiffCProbe", "inputs": {
+            "model": ["1", 0], "vae": ["2", 0], "folder": PROBE_FOLDER, "sites": UNET_SITE, "levels": "0.5",
+            "test_fraction": 0.5, "seed": 0, "batch_size": 4}},
+    }
+
+
 # ----------------------------------------------------------------------------- checks of runs
 
 
 def steer_check(name: str, value: Any, history: dict) -> Optional[bool]:
     """The sample changes exactly when the steer can change it: a non-zero strength, at a noise level reached."""
-    changed = latent_sha(history) != PLAIN_SHA[0]
+    changed = latent_sha(history) != PLAIN_SHA["flux"]
     if name == "strength":
         return changed == (float(value) != 0.0)
     if name == "sigma_min":
@@ -546,6 +635,78 @@ def organism_latent_check(name: str, value: Any, history: dict) -> Optional[bool
     return None
 
 
+def concept_check(name: str, value: Any, history: dict) -> Optional[bool]:
+    """The concept keeps the number of features asked for and the strength asked for, and the steered clone
+    changes the sample exactly when that strength is not 0 (a strength too small to move a float is not judged)."""
+    text = history["outputs"]["20"]["text"][0]
+    kept = len(re.findall(r"^  #\d+ ", text, re.MULTILINE))
+    if name == "top_n":
+        return kept == int(value) if int(value) <= 8 else 0 < kept <= int(value)
+    if name == "strength":
+        strength = float(value)
+        if f"strength {strength:g}" not in text.splitlines()[0]:
+            return False
+        changed = latent_sha(history) != PLAIN_SHA["organism"]
+        return None if 0 < abs(strength) < 1e-3 else changed == (strength != 0.0)
+    return kept > 0
+
+
+def listed(value: Any) -> list[str]:
+    return [part for part in str(value).split(",") if part.strip()]
+
+
+def sweep_check(name: str, value: Any, history: dict) -> Optional[bool]:
+    """One picture per strength and window asked for, laid out in one grid picture, finite unless a strength
+    asked for overflows; the steered cell differs from the zero-strength one when features are steered."""
+    images, grid = KEPT["sweep"]["image"], KEPT["sweep"]["reference"]
+    if grid.ndim != 4 or grid.shape[0] != 1 or grid.shape[-1] != 3:
+        return False
+    if name != "strengths" and not (torch.isfinite(images).all() and torch.isfinite(grid).all()):
+        return False
+    if name == "latent":
+        return None  # another batch size
+    columns = len(listed(value)) if name == "strengths" else 2
+    rows = len(listed(value)) if name == "windows" else 1
+    if images.shape[0] != rows * columns:
+        return False
+    return not torch.equal(images[0], images[1]) if name == "features" else True
+
+
+def probe_check(name: str, value: Any, history: dict) -> Optional[bool]:
+    """The table names the folder asked for, has a row per site and a column per level asked for, splits each
+    class's images by the test fraction asked for, and holds accuracies in [0, 1]."""
+    text = history["outputs"]["20"]["text"][0]
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| site |"))
+    levels = [cell.strip() for cell in header.strip("| ").split("|")[1:]]
+    rows = {cells[0]: [float(c.strip("*")) for c in cells[1:]]
+            for cells in ([c.strip() for c in line.strip().strip("|").split("|")] for line in lines
+                          if line.startswith("| ") and line is not header)}
+    if not rows or not all(0.0 <= v <= 1.0 for row in rows.values() for v in row):
+        return False
+    if name == "folder":
+        return text.startswith(f"Diff-C probe of input/{str(value).strip()}: ")
+    if name == "levels":
+        asked = {float(p) for p in re.split(r"[,\s]+", str(value).strip()) if p}
+        return levels == [f"{level:g}" for level in sorted(asked)]
+    if name == "sites":
+        names = [part.strip() for part in str(value).split(",") if part.strip()]
+        return len(rows) > 1 if [n.lower() for n in names] == ["all"] else list(rows) == list(dict.fromkeys(names))
+    if name == "test_fraction":
+        per_class = min(max(round(float(value) * PROBE_IMAGES), 1), PROBE_IMAGES - 1)
+        test, images = 2 * per_class, 2 * PROBE_IMAGES
+        return f"{images - test} train / {test} test images." in text
+    return text.startswith(f"Diff-C probe of input/{PROBE_FOLDER}: {2 * PROBE_IMAGES} images of 2 classes (a, b)")
+
+
+def random_numbers(rng: random.Random) -> str:
+    return rng.choice([", ", ",", " "]).join(f"{random_float(rng):g}" for _ in range(rng.randint(0, 3)))
+
+
+def random_windows(rng: random.Random) -> str:
+    return ", ".join(f"{rng.uniform(-0.2, 1.2):.2f}-{rng.uniform(-0.2, 1.2):.2f}" for _ in range(rng.randint(0, 3)))
+
+
 ORGANISM_FLUX = {"class_type": "SAETestTinyFlux", "inputs": {"seed": 0}}
 NODES = [
     NodeFuzz("SAELoadDictionary", "20", load_graph, {
@@ -603,6 +764,48 @@ NODES = [
         "samples": [odd(kind, 2) for kind in ("latent", "wide_latent", "video_latent", "empty_2d", "rgb_image",
                                               "nan_image")]},
         organism_latent_check, {"upscale": random_int}),
+    NodeFuzz("SAESteerByConcept", "20", concept_graph, {
+        "dictionary": [*COMBOS, f"../{ORGANISM_DICTIONARY}", "fuzz64.safetensors"],
+        "site": [*SITES, "double_blocks.0:image", " double_blocks.1:image "], "source": COMBOS,
+        "positive": ["", " \n ", "a" * 5000, "\x00", 5, "seven"],
+        "negative": ["\n\n", "a" * 5000, "a handwritten seven", 5],
+        "top_n": [*INTS, 1, 4096, 4097], "strength": [*FLOATS, 0.0, 100.0, 101.0], "mode": COMBOS,
+        "window_start": FLOATS, "window_end": FLOATS,
+        "latent": [odd(kind, 2) for kind in ("empty_2d", "latent", "wide_latent", "video_latent", "rgb_image")],
+        "seed": INTS, "steps": [0, -1, 2**64, "abc", None, NAN, 1001], "cfg": FLOATS, "sampler_name": COMBOS,
+        "scheduler": COMBOS,
+        "mask": [odd(kind, 1) for kind in ("empty_2d", "rank_1", "all_zero_mask", "nan_mask", "ones_mask")],
+        "clip": [*RAW, Link(ORGANISM_FLUX)], "model": [*RAW, Link(ORGANISM_FLUX)], "cond_only": ["false"]},
+        concept_check, {"top_n": random_int, "strength": random_float, "positive": random_text}),
+    NodeFuzz("SAESteerSweep", "20", sweep_graph, {
+        "features": FEATURES,
+        "strengths": ["", " , ", "nan", "inf", "1e400", "abc", "0x1", ", ".join(["0"] * 65), "0, 1e30", "-1e-300",
+                      None, 5],
+        "windows": ["", ",", "0-1.5", "0.5-0.2", "a-b", "-0.5-1", "1-1", ".5-.7", " 0 - 1 ", "0-1,0-1,0-1",
+                    "0-1;0-0.5", "nan-1", None, 5],
+        "mode": COMBOS, "units": COMBOS, "site": SITES, "sampler_name": COMBOS, "scheduler": COMBOS, "seed": INTS,
+        "steps": [0, -1, 2**64, "abc", None, NAN], "cfg": FLOATS,
+        "latent": [odd(kind, 2) for kind in ("empty_2d", "latent", "wide_latent", "video_latent")],
+        "vae": [Link({"class_type": "SAETestWideVAE", "inputs": {"channels": 16}}), *RAW],
+        "positive": [odd("rgb_image", 0), Link({"class_type": "SAETestImagesAndEmptyPrompt", "inputs": {"batch": 1}}, 1),
+                     *RAW],
+        "negative": RAW,
+        "dictionary": [*RAW, Link({"class_type": "SAELoadDictionary",
+                                   "inputs": {"dictionary": ORGANISM_DICTIONARY, "hub_id": ""}})],
+        "concept": RAW, "model": RAW, "cond_only": []},
+        sweep_check, {"features": random_features, "strengths": random_numbers, "windows": random_windows}),
+    NodeFuzz("SAEDiffCProbe", "20", probe_graph, {
+        "folder": [*PATHS, f"{PROBE_FOLDER}/a", f" {PROBE_FOLDER} ", "fuzz_probe_one", "fuzz_probe_tiny",
+                   "fuzz_probe_modes", "fuzz_probe_jpeg", "fuzz_probe_broken", 5],
+        "sites": [*SITES, " ALL ", f"{UNET_SITE},, {UNET_SITE}", "input_blocks.1:residual, middle_block:residual"],
+        "levels": ["", " , ", "nan", "-0.1", "1.1", "0, 1", "1e-400", "inf", "0x1", "abc", "0.5" + ", .5" * 2000,
+                   None, 5],
+        "test_fraction": [*FLOATS, 0.05, 0.95, 0.0, 1.0], "seed": INTS, "batch_size": [*INTS, 4096, 4097],
+        "positive": [Link({"class_type": "SAETestTinyInputs", "inputs": {"seed": 1, "batch": 1}}),
+                     odd("rgb_image", 0)],
+        "vae": [Link({"class_type": "SAETestWideVAE", "inputs": {"channels": 16}}), *RAW],
+        "model": [*RAW, Link(ORGANISM_FLUX)]},
+        probe_check, {"levels": random_numbers, "test_fraction": random_float, "folder": random_text}),
 ]
 
 

@@ -466,7 +466,7 @@ def test_every_organism_example_runs_as_shipped_on_a_clean_install(comfy, path):
     sampling and training steps, to keep the suite short)."""
     prompt = json.loads(path.read_text())
     for node in prompt.values():
-        if node["class_type"] == "KSampler":
+        if node["class_type"] in ("KSampler", "SAESteerSweep"):
             node["inputs"]["steps"] = STEPS
         elif node["class_type"] == "SAETrainDictionary":
             node["inputs"].update(steps=20, name=f"example_{path.stem}")
