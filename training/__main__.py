@@ -38,6 +38,7 @@ from sae_core.synthetic import run_benchmark, superposition_data
 
 from .config import (COUNT, FEATURE, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, TEXT, ArgParser, Device, Number,
                      OutputPath, Span, Text, check_writable, parse_with_config)
+from .steer_lab import LAB_SITES, METHODS as LAB_METHODS
 
 log = logging.getLogger("training")
 
@@ -422,6 +423,41 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- steering lab
+
+
+def cmd_steer_lab(args: argparse.Namespace) -> int:
+    from .runner import load_runner
+    from .steer_lab import LabPlan, Seeds, fixed_half, run_lab, STRENGTHS, WINDOWS
+
+    if args.quick:
+        strengths = {m: values[1:2] for m, values in STRENGTHS.items()}
+        windows, dictionary_steps, captions, controls = [None], 60, 16, 1
+    else:
+        strengths, windows = dict(STRENGTHS), list(WINDOWS)
+        dictionary_steps, captions, controls = args.dictionary_steps, 240, args.controls
+    if args.strengths:
+        strengths = {m: tuple(args.strengths) for m in strengths}
+    if args.windows:
+        windows = list(args.windows)
+    targets = list(range(20)) if args.targets == "all" else fixed_half(args.seed)
+    if args.quick:
+        targets = targets[:2]
+    seeds = Seeds(evaluate=tuple(1000 + i for i in range(args.eval_seeds)))
+    if args.quick:
+        seeds = Seeds(profile=seeds.profile[:1], trial=seeds.trial, evaluate=seeds.evaluate[:1])
+    kinds = ["topk"] + [k for k in args.kinds if k != "topk"]
+    plan = LabPlan(args.model, Path(args.out), args.sites or _lab_sites(args.model), args.methods, kinds, targets,
+                   seeds, windows, strengths, top_n=args.top_n, controls=controls, dictionary_steps=dictionary_steps,
+                   captions=captions, seed=args.seed)
+    run_lab(plan, load_runner(args.model), say)
+    return 0
+
+
+def _lab_sites(model: str) -> list[str]:
+    return list(LAB_SITES[model])
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -483,7 +519,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         return p
 
     syn = add("synthetic", "train TopK, BatchTopK and ITDA on the synthetic superposition benchmark", cmd_synthetic)
-    syn.add_argument("--kinds", nargs="+", default=["topk", "batchtopk", "itda"], choices=["topk", "batchtopk", "itda"])
+    syn.add_argument("--kinds", nargs="+", default=["topk", "batchtopk", "itda"],
+                     choices=["topk", "batchtopk", "matryoshka_batchtopk", "itda"])
     syn.add_argument("--samples", type=Number(int, min=SYNTHETIC_HELD_OUT), default=50_000,
                      help=f"samples drawn; one in {SYNTHETIC_HELD_OUT} is held out for the scores")
     syn.add_argument("--d", type=COUNT, default=64, help="activation width")
@@ -607,6 +644,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     help="also probe this dictionary's codes (mean-pooled over tokens) at its site, as one more row")
     pr.add_argument("--batch-size", type=COUNT, default=64, help="images per denoiser pass")
     pr.add_argument("--out", type=FOLDER, default="runs/probe", help="writes " + ", ".join(DIFFC_FILES))
+
+    lab = add("steer-lab", "measure steering on a model organism: flip rates to each target class, clean pictures, "
+              "random-feature and random-direction controls, over methods x sites x strengths x windows", cmd_steer_lab)
+    lab.add_argument("--model", default="organism-flux", choices=["organism-flux", "organism-unet"])
+    lab.add_argument("--sites", type=TEXT, nargs="+", default=None, help="default: the lab's sites for the model")
+    lab.add_argument("--methods", nargs="+", default=list(LAB_METHODS), choices=list(LAB_METHODS))
+    lab.add_argument("--kinds", nargs="+", default=["topk"], choices=["topk", "batchtopk", "matryoshka_batchtopk", "itda"],
+                     help="dictionary kinds: topk (always) steers every method; each other kind repeats the concept "
+                          "method's best setting")
+    lab.add_argument("--targets", default="half", choices=["half", "all"],
+                     help="all 20 classes, or a fixed random half drawn by --seed (never hand-picked)")
+    lab.add_argument("--strengths", type=FINITE, nargs="+", default=None, help="override every method's sweep")
+    lab.add_argument("--windows", type=Span(), nargs="+", default=None, help="START-END progress windows or 'all'")
+    lab.add_argument("--top-n", type=Number(int, min=1, max=4096), default=8, help="features a concept keeps")
+    lab.add_argument("--controls", type=Number(int, min=1, max=100), default=2,
+                     help="random controls per final row (each kind)")
+    lab.add_argument("--eval-seeds", type=Number(int, min=1, max=1000), default=2,
+                     help="evaluation seeds per source class")
+    lab.add_argument("--dictionary-steps", type=COUNT, default=1000, help="training steps of each lab dictionary")
+    lab.add_argument("--quick", action="store_true", help="a tiny run (tests, a first look)")
+    lab.add_argument("--out", type=FOLDER, default="runs/steer-lab")
 
     ship = add("organism-dictionaries", "rebuild the dictionaries (and feature indexes) the plugin ships for its "
                "model organisms", cmd_organism_dictionaries)

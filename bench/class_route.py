@@ -1,0 +1,111 @@
+"""Where does an organism's class enter, and how much of it can a site still change?
+
+    OMP_NUM_THREADS=1 python -m bench.class_route --model organism-flux
+    OMP_NUM_THREADS=1 python -m bench.class_route --model organism-unet
+
+Three measurements on digit prompts (each digit -> the digit three places on, 4 seeds each, 40 samples):
+
+* **input swap** (Flux): generate prompt A with B's sentence-encoder *token states* (A's pooled vector kept), then
+  with B's *pooled vector* (A's tokens kept): which input the class follows (the U-Net reads only the tokens);
+* **oracle at a site**: generate A while the site's tokens are overwritten, step by step, with what that site
+  held when B was generated from the same seed: the most any steer confined to that site's tokens could do (a
+  steer adds a vector; this replaces the whole state). Once on the prompt's rows of guidance only (as Steer's
+  default ``cond_only``), once on both rows;
+* the judge is the steering lab's (class, and whether the picture is clean).
+"""
+from __future__ import annotations
+
+import argparse
+import torch
+
+from organism.classifier import load_classifier
+from organism.data import class_prompt
+from sae_core import prompt_rows
+from training.compat import apply_torchvision_workaround
+
+apply_torchvision_workaround()
+from training.runner import load_runner  # noqa: E402
+from training.steer_lab import OrganismJudge  # noqa: E402
+
+SITES = {"organism-flux": ("double_blocks.0:text", "double_blocks.1:text", "double_blocks.0:image",
+                           "double_blocks.1:image"),
+         "organism-unet": ("input_blocks.4:residual", "middle_block:residual", "output_blocks.1:residual",
+                           "output_blocks.3:residual")}
+
+
+def _pairs(seeds: int) -> tuple[list[str], list[str], list[int], torch.Tensor, torch.Tensor]:
+    a = [c for c in range(10) for _ in range(seeds)]
+    b = [(c + 3) % 10 for c in a]
+    seed_list = [1000 + s for _ in range(10) for s in range(seeds)]
+    return [class_prompt(c) for c in a], [class_prompt(c) for c in b], seed_list, torch.tensor(a), torch.tensor(b)
+
+
+def _report(name: str, judge: OrganismJudge, images: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    predicted, clean = judge(images)
+    print(f"{name:<52} class A {float((predicted == a).float().mean()):.2f}   class B "
+          f"{float((predicted == b).float().mean()):.2f}   clean {float(clean.float().mean()):.2f}", flush=True)
+
+
+def input_swap(runner, judge, prompts_a, prompts_b, seeds, a, b) -> None:
+    from organism.text import shared_encoder
+
+    encoder = shared_encoder()
+    original = type(encoder).__call__
+    for part in ("tokens", "pooled"):
+        def swapped(self, prompts, part=part):
+            out = original(self, prompts)
+            other = original(self, [prompts_b[prompts_a.index(p)] if p in prompts_a else p for p in prompts])
+            setattr(out, part, getattr(other, part))
+            return out
+
+        type(encoder).__call__ = swapped
+        try:
+            images = runner.generate(prompts_a, seeds)
+        finally:
+            type(encoder).__call__ = original
+        _report(f"input swap: B's {part}", judge, images, a, b)
+
+
+def oracle(runner, judge, site_name: str, prompts_a, prompts_b, seeds, a, b, cond_only: bool) -> None:
+    site = runner.site(site_name)
+    held: list[torch.Tensor] = []
+
+    def rows_of(h, ctx) -> torch.Tensor:
+        return (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
+
+    def record(h, ctx):
+        held.append(h[rows_of(h, ctx)].clone())
+        return h
+
+    runner.generate(prompts_b, seeds, site_functions={site: record})
+    calls = [0]
+
+    def replace(h, ctx):
+        out = h.clone()
+        out[rows_of(h, ctx)] = held[calls[0]].to(h.dtype)
+        calls[0] += 1
+        return out
+
+    images = runner.generate(prompts_a, seeds, site_functions={site: replace})
+    rows = "cond rows" if cond_only else "both rows"
+    _report(f"oracle: B's state at {site_name}, {rows}", judge, images, a, b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="organism-flux", choices=sorted(SITES))
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per digit")
+    args = parser.parse_args()
+    runner = load_runner(args.model)
+    judge = OrganismJudge.fit(load_classifier())
+    prompts_a, prompts_b, seeds, a, b = _pairs(args.seeds)
+    _report("unsteered A", judge, runner.generate(prompts_a, seeds), a, b)
+    if args.model == "organism-flux":
+        input_swap(runner, judge, prompts_a, prompts_b, seeds, a, b)
+    for site in SITES[args.model]:
+        for cond_only in (True, False):
+            oracle(runner, judge, site, prompts_a, prompts_b, seeds, a, b, cond_only)
+
+
+if __name__ == "__main__":
+    main()
