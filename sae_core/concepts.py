@@ -170,10 +170,10 @@ def concept_from_words(index: Any, word: str, top_n: int) -> Concept:
     """A concept from a feature index (:func:`sae_core.feature_index.open_index`), without generating.
 
     The features whose associated prompt words (the few best the index keeps per feature) include ``word``
-    (case-insensitive), ranked by word score x mean
-    activation and kept to ``top_n``. The word score is in activation units too (mean image peak with the word
-    minus without), so each weight is the feature's mean activation times its score relative to the best kept
-    score: the best-associated feature adds what it typically reads when it fires, the others in proportion."""
+    (case-insensitive), ranked by word score x mean activation and kept to ``top_n``. Each weight is in the units
+    of :func:`concept_from_codes`, a mean code over tokens, so one strength means the same for both: the
+    feature's mean code on the images it fires in (mean activation x token frequency / image frequency), times
+    its word score relative to the best kept score."""
     top_n = _top_n(top_n)
     if not isinstance(word, str) or not re.fullmatch(r"[a-z]+", word.strip().lower()):
         raise SteerError(f"concept word {word!r}: give one word of letters (the index stores prompt words like "
@@ -185,8 +185,9 @@ def concept_from_words(index: Any, word: str, top_n: int) -> Concept:
     for i in matches:
         record = index.feature(i)
         score = next((float(s) for w, s in record["words"] if w.lower() == word), 0.0)
-        if score > 0 and record["mean"] > 0:
-            scored.append((score * float(record["mean"]), i, score, float(record["mean"])))
+        if score > 0 and record["mean"] > 0 and record["image_frequency"] > 0:
+            code = float(record["mean"]) * float(record["frequency"]) / float(record["image_frequency"])
+            scored.append((score * float(record["mean"]), i, score, code))
     if not scored:
         raise SteerError(f"no feature of this index is associated with the word {word!r}; words it knows include "
                          f"{', '.join(_suggestions(listed, word))}")

@@ -775,7 +775,28 @@ def lab_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {row['method']} | {row['kind']} | {', '.join(row['sites'])} | {row['strength']:g}, {window}, "
                      f"top {row['top_n']} | {o['flip']:.2f} | {o['clean']:.2f} | {o['clean_flip']:.2f} | "
                      f"{cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + sweep_markdown(summary["sweep"])) + "\n"
+
+
+def sweep_markdown(sweep: Sequence[dict[str, Any]]) -> list[str]:
+    """The sweep (trial seeds) as one table: per method and site, its best clean flip and the setting."""
+    sites = list(dict.fromkeys(site for row in sweep for site in row["sites"]))
+    methods = list(dict.fromkeys(row["method"] for row in sweep))
+    lines = ["Sweep on the trial seeds: per method and site, the best clean flip (flip, clean) and its strength and "
+             "window.", "", "| method | " + " | ".join(sites) + " |", "| --- |" + " ---: |" * len(sites)]
+    for method in methods:
+        cells = []
+        for site in sites:
+            rows = [r for r in sweep if r["method"] == method and r["sites"] == [site]]
+            if not rows:
+                cells.append("-")
+                continue
+            best = max(rows, key=lambda r: (r["outcome"]["clean_flip"], -r["strength"]))
+            window = "all" if best["window"] is None else f"{best['window'][0]:g}-{best['window'][1]:g}"
+            o = best["outcome"]
+            cells.append(f"{o['clean_flip']:.2f} ({o['flip']:.2f}, {o['clean']:.2f}) at {best['strength']:g}, {window}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pictures(ctx: Context, plan: LabPlan, final: list[Row], runner: Runner) -> None:
