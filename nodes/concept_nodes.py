@@ -34,7 +34,7 @@ DEFAULT_TOP_N = 8
 DEFAULT_STRENGTH = 8.0
 """The concept's multiplier: 1 adds the measured mean code difference of its features (raw activation units).
 8 in the first half of sampling was the concept recipe that flipped most classes cleanly in the steering lab
-(Flux organism: 0.23 of samples to the target, 0.71 clean; it kept 0.84-0.93 of the U-Net organism's pictures
+(Flux organism: 0.23 of samples to the target, 0.71 clean; it kept 0.84-0.91 of the U-Net organism's pictures
 clean at every site; BENCHMARKS.md); over the whole of sampling the same strength loses the picture."""
 DEFAULT_WINDOW = (0.0, 0.5)
 """The part of sampling (0 = first step, 1 = last) a concept steers by default: the first half, where the layout
