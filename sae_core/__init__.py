@@ -14,7 +14,8 @@ A dictionary is an ``encode``/``decode`` pair plus a file format::
 
 This package imports neither ComfyUI nor diffusers.
 """
-from .concepts import Concept, concept_from_codes, concept_from_words, mean_codes, replace_steers
+from .concepts import (Concept, SpatialConcept, concept_from_codes, concept_from_words, mean_codes, replace_steers,
+                       spatial_concept_from_codes, spatial_steer_function)
 from .config import DictionaryConfig, TrainConfig, options
 from .dictionary import Dictionary
 from .errors import (ConfigError, DictionaryError, InputError, SAEError, ScheduleError, ShardError, SiteError, SteerError,
@@ -48,7 +49,8 @@ __all__ = [
     # steering
     "MODES", "UNITS", "Steer", "steer_function",
     # concepts: weighted sets of features
-    "Concept", "concept_from_codes", "concept_from_words", "mean_codes", "replace_steers",
+    "Concept", "SpatialConcept", "concept_from_codes", "concept_from_words", "mean_codes", "replace_steers",
+    "spatial_concept_from_codes", "spatial_steer_function",
     # errors
     "ConfigError", "DictionaryError", "InputError", "SAEError", "ScheduleError", "ShardError", "SiteError", "SteerError",
     "TrainingError", "WriteError",

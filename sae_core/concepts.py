@@ -26,6 +26,13 @@ part of that difference those features explain. Adding the concept at strength 1
 words whose images it fires on more than on the rest; :func:`concept_from_words` builds a concept from
 them without generating anything.
 
+**Per position.** Where a concept is drawn (a digit's strokes on an image stream, a class word's place in a
+prompt) its mean difference differs from token to token. :func:`spatial_concept_from_codes` keeps the top-n
+features of the difference at *each* token position (from mean codes per position, ``(tokens, n_latents)``), and
+:func:`spatial_steer_function` adds each position's own ``sum_f w[p, f] v_f`` there. In the steering lab this
+was the SAE method that flipped most classes on both model organisms (BENCHMARKS.md); it needs the token layout
+it was measured on (the same resolution).
+
 **Replacing.** :func:`replace_steers` gives the detect-then-replace edit: on the tokens where the source
 concept's features fire, remove them and add the target concept; every other token is left bit-identical
 (see :class:`~sae_core.steering.Steer`'s ``detect``).
@@ -44,7 +51,9 @@ from torch import Tensor
 
 from .dictionary import Dictionary
 from .errors import DictionaryError, SteerError
+from .sites.context import SiteContext, SiteFunction, prompt_rows
 from .steering import Steer, feature_directions
+from .timesteps import Window, in_window, validate_window
 
 SIGNS = ("both", "positive")
 ENCODE_ELEMENTS = 1 << 24
@@ -293,3 +302,79 @@ def _suggestions(listed: list[str], word: str) -> list[str]:
     common = sorted(counts, key=lambda w: (-counts[w], w))
     close = difflib.get_close_matches(word, common, n=3)
     return list(dict.fromkeys(close + common))[:SUGGESTED_WORDS] or ["(none: the index has no word statistics)"]
+
+
+# ----------------------------------------------------------------------------- concepts per token position
+
+
+@dataclass(frozen=True, eq=False)
+class SpatialConcept:
+    """A concept per token position: ``features`` and ``weights``, both ``(tokens, n)``, strongest first at each
+    position; weights in mean-code units like :class:`Concept`'s."""
+
+    features: Tensor
+    weights: Tensor
+
+    def __post_init__(self) -> None:
+        features, weights = torch.as_tensor(self.features), torch.as_tensor(self.weights)
+        if features.ndim != 2 or features.shape != weights.shape or features.numel() == 0:
+            raise SteerError(f"a spatial concept needs (tokens, n) features and weights of one shape, got "
+                             f"{tuple(features.shape)} and {tuple(weights.shape)}")
+        if features.dtype.is_floating_point or bool((features < 0).any()):
+            raise SteerError("spatial concept features are non-negative integer feature ids")
+        if not bool(torch.isfinite(weights).all()):
+            raise SteerError("spatial concept weights must be finite numbers")
+        object.__setattr__(self, "features", features.long().clone())
+        object.__setattr__(self, "weights", weights.float().clone())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.features.shape[0])
+
+    def vectors(self, dictionary: Dictionary) -> Tensor:
+        """``(tokens, d_in)`` float32: ``sum_f w[p, f] * dictionary.direction(f)`` at each position ``p``."""
+        ids = sorted(set(self.features.flatten().tolist()))
+        _check_ids(dictionary, tuple(ids))
+        directions = torch.zeros(dictionary.n_latents, dictionary.d_in, dtype=torch.float64)
+        directions[ids] = feature_directions(dictionary, ids).double()
+        return torch.einsum("pn,pnd->pd", self.weights.double(), directions[self.features]).float()
+
+
+def spatial_concept_from_codes(positive: Tensor, negative: Tensor, top_n: int) -> SpatialConcept:
+    """The concept of ``positive - negative`` mean codes per position (``(tokens, n_latents)`` each): at every
+    position the ``top_n`` features of largest ``|diff|``, weights ``diff`` there."""
+    top_n = _top_n(top_n)
+    pos, neg = torch.as_tensor(positive).double(), torch.as_tensor(negative).double()
+    if pos.ndim != 2 or pos.shape != neg.shape:
+        raise SteerError(f"per-position mean codes must be (tokens, n_latents) of one shape, got {tuple(pos.shape)} "
+                         f"and {tuple(neg.shape)}: measure both at the same site and resolution")
+    if not bool(torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise SteerError("per-position mean codes must be finite")
+    diff = pos - neg
+    kept = diff.abs().topk(min(top_n, diff.shape[1]), dim=-1).indices
+    return SpatialConcept(kept, diff.gather(1, kept))
+
+
+def spatial_steer_function(dictionary: Dictionary, concept: SpatialConcept, strength: float = 1.0,
+                           window: Window = None, cond_only: bool = True) -> SiteFunction:
+    """A site function adding ``strength`` x the concept's vector of each position to that position's token, on
+    the prompt's rows of guidance (every row with ``cond_only=False``), inside ``window``; elsewhere the input is
+    returned as it is. A site with another number of tokens is refused (another resolution)."""
+    s = _finite(strength, "strength")
+    window = validate_window(window)
+    vectors = concept.vectors(dictionary)
+
+    def steer_site(h: Tensor, ctx: SiteContext) -> Tensor:
+        if h.ndim != 3 or h.shape[1] != concept.tokens or h.shape[2] != vectors.shape[1]:
+            raise SteerError(f"this spatial concept was measured on {concept.tokens} tokens of width "
+                             f"{vectors.shape[1]}, the site has {tuple(h.shape[1:])}: sample at the resolution it "
+                             "was measured at")
+        if s == 0 or not in_window(ctx, window):
+            return h
+        rows = (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
+        if len(rows) == 0:
+            return h
+        added = (s * vectors).to(h.device, h.dtype).expand(len(rows), -1, -1)
+        return h.index_add(0, rows, added)
+
+    return steer_site

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import sae_core.concepts as concepts
-from sae_core import (Concept, SiteContext, SparseAutoencoder, Standardizer, concept_from_codes, concept_from_words,
-                      mean_codes, replace_steers, steer_function)
+from sae_core import (Concept, SiteContext, SpatialConcept, SparseAutoencoder, Standardizer, concept_from_codes,
+                      concept_from_words, mean_codes, replace_steers, spatial_concept_from_codes, spatial_steer_function,
+                      steer_function)
 from sae_core.errors import DictionaryError, SteerError
 from sae_core.feature_index import open_index
 from sae_core.kernels import SparseCodes
@@ -277,3 +278,42 @@ def test_an_unknown_word_names_itself_and_words_the_index_knows(index):
 def test_a_word_concept_refuses_malformed_requests(index, word, top_n, message):
     with pytest.raises(SteerError, match=message):
         concept_from_words(index, word, top_n)
+
+
+# ----------------------------------------------------------------------------- concepts per token position
+
+
+def test_a_spatial_concept_keeps_each_positions_largest_differences():
+    gen = torch.Generator().manual_seed(5)
+    positive, negative = torch.rand(4, 10, generator=gen), torch.rand(4, 10, generator=gen)
+    concept = spatial_concept_from_codes(positive, negative, top_n=3)
+    diff = (positive - negative).double()
+    for p in range(4):
+        expected = diff[p].abs().argsort(descending=True)[:3]
+        assert concept.features[p].tolist() == expected.tolist()
+        assert torch.allclose(concept.weights[p].double(), diff[p, expected], atol=1e-6)
+
+
+def test_a_spatial_concept_adds_each_positions_vector_on_the_prompt_rows_only(sae):
+    concept = SpatialConcept(torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([[0.5, -1.0], [2.0, 0.0], [1.0, 1.0]]))
+    vectors = torch.stack([sum(float(w) * sae.direction(int(f)) for f, w in zip(fs, ws))
+                           for fs, ws in zip(concept.features, concept.weights)])
+    assert torch.allclose(concept.vectors(sae), vectors, atol=1e-5)
+    steer = spatial_steer_function(sae, concept, strength=2.0, window=(0.0, 0.5))
+    h = torch.randn(2, 3, sae.d_in)
+    cond = torch.tensor([False, True])
+    out = steer(h, SiteContext(sigma=0.8, progress=0.2, cond=cond, grid=None))
+    assert torch.equal(out[0], h[0]) and torch.allclose(out[1] - h[1], 2.0 * vectors, atol=1e-5)
+    assert steer(h, SiteContext(sigma=0.2, progress=0.8, cond=cond, grid=None)) is h  # outside the window
+    with pytest.raises(SteerError, match="measured on 3 tokens"):
+        steer(torch.randn(2, 5, sae.d_in), SiteContext(sigma=0.8, progress=0.2, cond=cond, grid=None))
+
+
+@pytest.mark.parametrize("features, weights, message", [
+    ([[1, 2]], [[0.5]], "one shape"),
+    ([[1.0, 2.0]], [[0.5, 0.5]], "integer feature ids"),
+    ([[1, 2]], [[float("nan"), 0.5]], "finite"),
+])
+def test_a_malformed_spatial_concept_is_refused(features, weights, message):
+    with pytest.raises(SteerError, match=message):
+        SpatialConcept(torch.tensor(features), torch.tensor(weights))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_core import InputError, SiteContext, SparseAutoencoder, Steer
-from sae_core.concepts import Concept, replace_steers
+from sae_core.concepts import Concept, SpatialConcept, replace_steers
 from training.compat import apply_torchvision_workaround
 
 apply_torchvision_workaround()
@@ -155,7 +155,7 @@ def test_a_spatial_concept_adds_each_positions_own_features_and_its_controls_mat
     site = _site()
     gen = torch.Generator().manual_seed(3)
     features, weights = torch.randint(M, (5, 3), generator=gen), torch.randn(5, 3, generator=gen)
-    part = Part(sae, positional=(features, weights))
+    part = Part(sae, positional=SpatialConcept(features, weights))
     expected = torch.stack([sum(weights[p, j] * sae.direction(int(features[p, j])) for j in range(3))
                             for p in range(5)])
     assert torch.allclose(part.by_position(), expected, atol=1e-5)
@@ -166,6 +166,6 @@ def test_a_spatial_concept_adds_each_positions_own_features_and_its_controls_mat
     turned = random_direction_control(Recipe({site: part}), torch.Generator().manual_seed(0)).parts[site]
     assert torch.allclose(turned.by_position().norm(dim=-1), expected.norm(dim=-1), atol=1e-5)
     drawn = random_features_control(Recipe({site: part}), torch.Generator().manual_seed(1), {site: torch.arange(M)})
-    picked, same_weights = drawn.parts[site].positional
+    picked, same_weights = drawn.parts[site].positional.features, drawn.parts[site].positional.weights
     assert torch.equal(same_weights, weights) and not torch.equal(picked, features)
     assert all(len(set(row.tolist())) == 3 for row in picked)

@@ -335,22 +335,16 @@ class Part:
     vector_strength: float = 1.0
     detect: tuple[int, ...] = ()
     """For ``vector``: add it only on tokens where one of these features fires (as a detect-gated Steer would)."""
-    positional: Optional[tuple[Tensor, Tensor]] = None
-    """A concept per token position: ``(features (tokens, n), weights (tokens, n))``, added in raw units to the
-    same position of every prompt row."""
+    positional: Optional[Any] = None
+    """A :class:`sae_core.concepts.SpatialConcept` added in raw units to each prompt row, position by position."""
     position_vectors: Optional[Tensor] = None
-    """Or given ``(tokens, d)`` vectors for that (a positional concept's random-direction control)."""
+    """Or given ``(tokens, d)`` vectors for that (a spatial concept's random-direction control)."""
 
     def by_position(self) -> Optional[Tensor]:
-        """The ``(tokens, d)`` vectors added per position: ``sum_f w[p, f] v_f`` at each position ``p``."""
+        """The ``(tokens, d)`` vectors added per position, if any."""
         if self.position_vectors is not None:
             return self.position_vectors
-        if self.positional is None:
-            return None
-        features, weights = self.positional
-        directions = torch.stack([self.dictionary.direction(f).detach().float().cpu()
-                                  for f in range(self.dictionary.n_latents)])
-        return torch.einsum("pn,pnd->pd", weights.float(), directions[features])
+        return None if self.positional is None else self.positional.vectors(self.dictionary)
 
 
 @dataclass
@@ -422,11 +416,11 @@ def random_features_control(recipe: Recipe, rng: torch.Generator, alive: dict[Si
             steers.append(steer)
         positional = part.positional
         if positional is not None:
-            features, weights = positional
-            pool = alive[site]
-            picks = torch.stack([pool[torch.randperm(len(pool), generator=rng)[:features.shape[1]]]
-                                 for _ in range(features.shape[0])])
-            positional = (picks, weights)
+            from sae_core.concepts import SpatialConcept
+
+            pool, (tokens, n) = alive[site], positional.features.shape
+            picks = torch.stack([pool[torch.randperm(len(pool), generator=rng)[:n]] for _ in range(tokens)])
+            positional = SpatialConcept(picks, positional.weights)
         parts[site] = Part(part.dictionary, steers, part.vector, part.vector_units, part.vector_strength, part.detect,
                            positional)
     return Recipe(parts, "random features")
@@ -520,13 +514,12 @@ def _site_recipe(ctx: Context, method: str, target: int, site: Site, kind: str, 
         concept = concept_from_codes(positive, negative, setting.top_n, dictionary=dictionary)
         return Part(dictionary, [concept.steer(s)]), _describe(concept)
     if method == "concept:spatial":
-        target_codes = profile.position_means[kind][target]
-        others = profile.position_means[kind][domain_of(target)].mean(0)
-        diff = target_codes - others  # (tokens, n_latents)
-        features = diff.abs().topk(setting.top_n, dim=-1).indices
-        weights = diff.gather(1, features)
-        return Part(dictionary, positional=(features, s * weights)), \
-            f"top {setting.top_n} features at each of {len(features)} positions"
+        from sae_core.concepts import SpatialConcept, spatial_concept_from_codes
+
+        means = profile.position_means[kind]
+        concept = spatial_concept_from_codes(means[target], means[domain_of(target)].mean(0), setting.top_n)
+        return Part(dictionary, positional=SpatialConcept(concept.features, s * concept.weights)), \
+            f"top {setting.top_n} features at each of {concept.tokens} positions"
     if method == "replace":
         target_concept = concept_from_codes(positive, negative, setting.top_n, dictionary=dictionary)
         source = concept_from_codes(negative, positive, setting.top_n, sign="positive")
