@@ -224,6 +224,27 @@ def execute_graph(prompt: dict) -> dict:
     return executor.history_result
 
 
+def image_keeper(kept: dict) -> type:
+    """A test-only output node class that stores the IMAGE it gets in ``kept[label]`` (register it in
+    ``nodes.NODE_CLASS_MAPPINGS`` under a name of the test's own)."""
+
+    class KeepImages:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE",), "label": ("STRING", {"default": "out"})}}
+
+        RETURN_TYPES = ()
+        FUNCTION = "keep"
+        OUTPUT_NODE = True
+        CATEGORY = "_for_testing"
+
+        def keep(self, images, label):
+            kept[label] = images.clone()
+            return {"ui": {"shape": list(images.shape)}}
+
+    return KeepImages
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -26,23 +26,6 @@ TOP_N = 4
 KEPT: dict = {}  # label -> what a test-only node kept
 
 
-class SAETestConceptKeep:
-    """Test-only output node: keeps the IMAGE it gets under ``label``."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",), "label": ("STRING", {"default": "out"})}}
-
-    RETURN_TYPES = ()
-    FUNCTION = "keep"
-    OUTPUT_NODE = True
-    CATEGORY = "_for_testing"
-
-    def keep(self, images, label):
-        KEPT[label] = images.clone()
-        return {}
-
-
 class SAETestSampleSteeredThenOriginal:
     """Test-only output node: samples the steered MODEL, then the original one (KSampler's own way), so that the
     original is sampled after everything the steered clone did; keeps both latents."""
@@ -71,7 +54,7 @@ def comfy(comfyui, one_thread):
     comfyui.load_plugin_nodes()
     import nodes
 
-    nodes.NODE_CLASS_MAPPINGS["SAETestConceptKeep"] = SAETestConceptKeep
+    nodes.NODE_CLASS_MAPPINGS["SAETestConceptKeep"] = comfyui.image_keeper(KEPT)
     nodes.NODE_CLASS_MAPPINGS["SAETestSampleSteeredThenOriginal"] = SAETestSampleSteeredThenOriginal
     return comfyui
 

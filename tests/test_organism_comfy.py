@@ -23,23 +23,6 @@ TOL = 1e-5
 KEPT: dict = {}  # label -> the IMAGE that SAETestOrganismKeep saw
 
 
-class SAETestOrganismKeep:
-    """Test-only output node: keeps the IMAGE it gets under ``label``."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",), "label": ("STRING", {"default": "out"})}}
-
-    RETURN_TYPES = ()
-    FUNCTION = "keep"
-    OUTPUT_NODE = True
-    CATEGORY = "_for_testing"
-
-    def keep(self, images, label):
-        KEPT[label] = images.clone()
-        return {"ui": {"shape": list(images.shape)}}
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -54,7 +37,7 @@ def comfy(comfyui, tmp_path_factory):
     import folder_paths
     import nodes
 
-    nodes.NODE_CLASS_MAPPINGS["SAETestOrganismKeep"] = SAETestOrganismKeep
+    nodes.NODE_CLASS_MAPPINGS["SAETestOrganismKeep"] = comfyui.image_keeper(KEPT)
     sae_dir = tmp_path_factory.mktemp("organism_sae")
     folder_paths.add_model_folder_path("sae", str(sae_dir), is_default=True)
     comfyui.organism_sae_dir = sae_dir
