@@ -42,9 +42,8 @@ from tqdm import tqdm
 
 from organism.data import ANIMALS, CLASSES, DIGITS, class_prompt
 from sae_core import (DictionaryConfig, InputError, Recorder, ShardReader, Site, SiteFunction, Steer, TrainConfig,
-                      load_dictionary, prompt_rows, save_dictionary, steer_function, train_dictionary)
+                      in_window, load_dictionary, prompt_rows, save_dictionary, steer_function, train_dictionary)
 from sae_core.steering import add_direction
-from sae_core import in_window
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -157,39 +156,6 @@ def _accumulator(site, owner, act_sums, code_sums, position_sums, counts, dictio
             position_sums[site][kind].index_put_(where, values, accumulate=True)
 
     return accumulate
-
-
-def profile_detected(runner: Runner, site: Site, dictionary: Any, detect: Sequence[int], seeds: Sequence[int],
-                     batch_size: int = 40) -> tuple[Tensor, Tensor]:
-    """Per class prompt, the mean code over only the tokens where a ``detect`` feature fires, and the share of
-    tokens detected: ``((classes, n_latents) float64, (classes,) float64)``. A concept lives on a few tokens (the
-    class word among a prompt's 16): its mean over every token is that few's difference diluted by the rest."""
-    from sae_core.concepts import mean_codes
-    from sae_core.steering import feature_activations
-
-    n = len(CLASSES)
-    sums = torch.zeros(n, dictionary.n_latents, dtype=torch.float64)
-    detected = torch.zeros(n, dtype=torch.float64)
-    tokens = torch.zeros(n, dtype=torch.float64)
-    jobs = [(c, s) for c in range(n) for s in seeds]
-    for start in tqdm(range(0, len(jobs), batch_size), desc="profile detected tokens", unit="batch", leave=False):
-        chunk = jobs[start:start + batch_size]
-        owner = torch.tensor([c for c, _ in chunk])
-
-        def accumulate(record) -> None:
-            x = record.acts.float()
-            hits = (feature_activations(x, dictionary, detect) > 0).any(-1)  # (rows, tokens)
-            for row, cls in enumerate(owner[record.rows].tolist()):
-                tokens[cls] += x.shape[1]
-                count = int(hits[row].sum())
-                if count:
-                    detected[cls] += count
-                    sums[cls] += mean_codes(dictionary, x[row][hits[row]]) * count
-
-        recorder = Recorder(stream=accumulate)
-        recorder.begin(range(len(chunk)))
-        runner.generate([class_prompt(c) for c, _ in chunk], [s for _, s in chunk], site_functions={site: recorder})
-    return sums / detected.clamp_min(1)[:, None], detected / tokens.clamp_min(1)
 
 
 # ----------------------------------------------------------------------------- evaluation
