@@ -56,6 +56,20 @@ def window_inputs(start: float, end: float, acts: str) -> list[io.Float.Input]:
                            tooltip=f"{acts} until this point of sampling (inclusive; 1: the last step)")]
 
 
+def sampling_inputs(seed: str, steps: str, cfg: str = "guidance scale", prefix: str = "") -> list[io.Input]:
+    """``seed``, ``steps``, ``cfg``, ``sampler_name``, ``scheduler`` as KSampler has them, for nodes that sample
+    inside themselves; ``seed``/``steps``/``cfg`` are those inputs' tooltips, ``prefix`` opens every tooltip."""
+    import comfy.samplers
+
+    return [io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip=prefix + seed),
+            io.Int.Input("steps", default=20, min=1, max=1000, tooltip=prefix + steps),
+            io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip=prefix + cfg),
+            io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                           tooltip=prefix + "the sampler, as in KSampler"),
+            io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple",
+                           tooltip=prefix + "the noise schedule, as in KSampler")]
+
+
 def check_choices(node: type[io.ComfyNode], **values: Any) -> bool | str:
     """True when each value is one of its Combo input's options, else the message naming the first that is not.
 

@@ -25,7 +25,7 @@ from ..sae_core.feature_index import FeatureIndex, index_folder_for, open_index
 from ..sae_core.plots import bar_chart
 from .adapters import adapter_for, patch_site
 from .common import (CATEGORY, DICTIONARY, check_choices, mask_2d, parse_features, pil_to_image, require_choices,
-                     require_linked, resolve_site, sae_files, site_input, window, window_inputs)
+                     require_linked, resolve_site, sae_files, sampling_inputs, site_input, window, window_inputs)
 from .image_capture_nodes import check_conditioning, model_latent_channels
 from .index_nodes import dictionary_path_or_error, encode
 
@@ -123,8 +123,6 @@ class SAESteerByConcept(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
-
         return io.Schema(
             node_id="SAESteerByConcept",
             display_name="Steer by Concept",
@@ -167,16 +165,9 @@ class SAESteerByConcept(io.ComfyNode):
                                  tooltip="steer only the positive prompt's half of CFG (off: both halves)"),
                 io.Latent.Input("latent", tooltip="source prompts: an empty latent; its size is the measuring "
                                                   "samples' size, its batch the samples per prompt"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="source prompts: prompt i of each list is sampled with seed + i"),
-                io.Int.Input("steps", default=20, min=1, max=1000,
-                             tooltip="source prompts: sampling steps; the codes of every step are averaged"),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="source prompts: guidance scale while measuring"),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
-                               tooltip="source prompts: the sampler, as in KSampler"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple",
-                               tooltip="source prompts: the noise schedule, as in KSampler"),
+                *sampling_inputs("prompt i of each list is sampled with seed + i",
+                                 "sampling steps; the codes of every step are averaged", "guidance scale while measuring",
+                                 prefix="source prompts: "),
                 io.Mask.Input("mask", optional=True,
                               tooltip="where on the image to steer (weights 0..1, resized to the site's token grid)"),
             ],
@@ -392,8 +383,6 @@ class SAESteerSweep(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
-
         return io.Schema(
             node_id="SAESteerSweep",
             display_name="Steer Sweep",
@@ -410,14 +399,7 @@ class SAESteerSweep(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="the negative prompt of every cell"),
                 io.Latent.Input("latent", tooltip="an empty latent: the pictures' size and batch"),
                 io.Vae.Input("vae", tooltip="decodes the samples"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="the noise seed of every cell"),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="sampling steps per cell"),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip="guidance scale"),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
-                               tooltip="the sampler, as in KSampler"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple",
-                               tooltip="the noise schedule, as in KSampler"),
+                *sampling_inputs("the noise seed of every cell", "sampling steps per cell"),
                 site_input("double_blocks.1:image"),
                 io.String.Input("features", default="0",
                                 tooltip="comma-separated feature ids, as in Steer (swap: source, target pairs); "

@@ -18,7 +18,7 @@ from ..sae_core.feature_index import DictionaryIdentity, FeatureIndexBuilder, In
 from ..sae_core.labels import label_index_by_words
 from ..sae_core.loading import check_site_width
 from .adapters import patch_site
-from .common import CATEGORY, check_choices, pil_to_image, sae_files
+from .common import CATEGORY, check_choices, pil_to_image, sae_files, sampling_inputs
 from .routes import NotFound, dictionary_path
 
 DEFAULT_PROMPTS = "\n".join(f"a handwritten {d}" for d in ("zero", "one", "two", "three", "seven")) + "\n" + \
@@ -61,8 +61,6 @@ class SAEBuildFeatureIndex(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
-
         return io.Schema(
             node_id="SAEBuildFeatureIndex",
             display_name="Build Feature Index",
@@ -85,14 +83,7 @@ class SAEBuildFeatureIndex(io.ComfyNode):
                 io.String.Input("negative", default="", tooltip="the negative prompt of every generation"),
                 io.String.Input("site", default="", tooltip="where to read the codes; empty: the site the "
                                                             "dictionary was trained on"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="the first prompt's noise seed; prompt i uses seed + i"),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="sampling steps per image"),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip="guidance scale"),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
-                               tooltip="the sampler, as in KSampler"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple",
-                               tooltip="the noise schedule, as in KSampler"),
+                *sampling_inputs("the first prompt's noise seed; prompt i uses seed + i", "sampling steps per image"),
                 io.Float.Input("at", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="the point of sampling (0 = first step, 1 = last) whose codes pick the top "
                                        "images and heatmaps; every step feeds the timestep profile"),
