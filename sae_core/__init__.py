@@ -14,8 +14,9 @@ A dictionary is an ``encode``/``decode`` pair plus a file format::
 
 This package imports neither ComfyUI nor diffusers.
 """
-from .concepts import (Concept, SpatialConcept, concept_from_codes, concept_from_words, mean_codes, replace_steers,
-                       spatial_concept_from_codes, spatial_steer_function)
+from .concepts import (Concept, ScheduledConcept, SpatialConcept, StepCodeMeter, clamp_steer_function,
+                       concept_from_codes, concept_from_words, mean_codes, replace_steers, scheduled_concept_from_codes,
+                       scheduled_concept_from_meters, spatial_concept_from_codes, spatial_steer_function)
 from .config import DictionaryConfig, TrainConfig, options
 from .dictionary import Dictionary
 from .errors import (ConfigError, DictionaryError, InputError, SAEError, ScheduleError, ShardError, SiteError, SteerError,
@@ -50,7 +51,8 @@ __all__ = [
     "MODES", "UNITS", "Steer", "steer_function",
     # concepts: weighted sets of features
     "Concept", "SpatialConcept", "concept_from_codes", "concept_from_words", "mean_codes", "replace_steers",
-    "spatial_concept_from_codes", "spatial_steer_function",
+    "spatial_concept_from_codes", "spatial_steer_function", "ScheduledConcept", "StepCodeMeter",
+    "clamp_steer_function", "scheduled_concept_from_codes", "scheduled_concept_from_meters",
     # errors
     "ConfigError", "DictionaryError", "InputError", "SAEError", "ScheduleError", "ShardError", "SiteError", "SteerError",
     "TrainingError", "WriteError",

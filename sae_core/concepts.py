@@ -33,6 +33,14 @@ features of the difference at *each* token position (from mean codes per positio
 was the SAE method that flipped most classes on both model organisms (BENCHMARKS.md); it needs the token layout
 it was measured on (the same resolution).
 
+**Per step and position, clamped.** The mean codes change along sampling as much as across the picture, and
+a sample's own activation already holds some of each feature. :func:`scheduled_concept_from_codes` keeps the
+top-n features of the difference at each *step* and position, with the positive side's mean code there as a
+target, and :func:`clamp_steer_function` moves the sample's activation of each of them to that target (adding
+``strength * (target - current)`` of the feature's direction; the rest of the activation is kept). In the
+steering lab this flipped more classes cleanly than adding a per-position concept (BENCHMARKS.md).
+:class:`StepCodeMeter` measures the mean codes per step without a dense ``(steps, tokens, n_latents)`` array.
+
 **Replacing.** :func:`replace_steers` gives the detect-then-replace edit: on the tokens where the source
 concept's features fire, remove them and add the target concept; every other token is left bit-identical
 (see :class:`~sae_core.steering.Steer`'s ``detect``).
@@ -50,9 +58,9 @@ import torch
 from torch import Tensor
 
 from .dictionary import Dictionary
-from .errors import DictionaryError, SteerError
+from .errors import DictionaryError, ScheduleError, SteerError
 from .sites.context import SiteContext, SiteFunction, prompt_rows
-from .steering import Steer, feature_directions
+from .steering import Steer, checked_mask, feature_directions, mask_to_tokens
 from .timesteps import Window, in_window, validate_window
 
 SIGNS = ("both", "positive")
@@ -378,3 +386,197 @@ def spatial_steer_function(dictionary: Dictionary, concept: SpatialConcept, stre
         return h.index_add(0, rows, added)
 
     return steer_site
+
+
+# ----------------------------------------------------------------------------- clamped per step and position
+
+
+@dataclass(frozen=True, eq=False)
+class ScheduledConcept:
+    """A concept per sampling step and token position, applied as a clamp.
+
+    ``features`` ``(steps, tokens, n)``: at each measured step and position the ``n`` features whose mean code
+    differs most between positive and negative examples; ``targets`` (same shape): the positive examples' mean
+    code of each there; ``progress`` ``(steps,)``: where in sampling (0 first step, 1 last) each step was
+    measured, increasing. A sampling step uses the nearest measured one, so another step count still works."""
+
+    features: Tensor
+    targets: Tensor
+    progress: Tensor
+
+    def __post_init__(self) -> None:
+        features, targets = torch.as_tensor(self.features), torch.as_tensor(self.targets)
+        progress = torch.as_tensor(self.progress).reshape(-1)
+        if features.ndim != 3 or features.shape != targets.shape or features.numel() == 0:
+            raise SteerError(f"a scheduled concept needs (steps, tokens, n) features and targets of one shape, got "
+                             f"{tuple(features.shape)} and {tuple(targets.shape)}")
+        if features.dtype.is_floating_point or bool((features < 0).any()):
+            raise SteerError("scheduled concept features are non-negative integer feature ids")
+        if not bool(torch.isfinite(targets).all()):
+            raise SteerError("scheduled concept targets must be finite numbers")
+        if progress.numel() != features.shape[0] or not bool(torch.isfinite(progress).all()) \
+                or bool((progress < 0).any() | (progress > 1).any()) or bool((progress.diff() <= 0).any()):
+            raise SteerError(f"a scheduled concept needs one progress point in [0, 1] per step, increasing; got "
+                             f"{progress.tolist()} for {features.shape[0]} step(s)")
+        object.__setattr__(self, "features", features.long().clone())
+        object.__setattr__(self, "targets", targets.float().clone())
+        object.__setattr__(self, "progress", progress.double().clone())
+
+    @property
+    def steps(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.features.shape[1])
+
+    def step_at(self, progress: float) -> int:
+        """The measured step nearest to ``progress``."""
+        return int((self.progress - float(progress)).abs().argmin())
+
+
+def scheduled_concept_from_codes(positive: Tensor, negative: Tensor, top_n: int,
+                                 progress: Optional[Tensor] = None) -> ScheduledConcept:
+    """The clamp concept of mean codes per step and position (``(steps, tokens, n_latents)`` each): at every step
+    and position the ``top_n`` features of largest ``|positive - negative|``, clamped to ``positive`` there.
+    ``progress``: each step's place in sampling; default evenly spaced from 0 to 1 (one step: 0)."""
+    top_n = _top_n(top_n)
+    pos, neg = torch.as_tensor(positive).float(), torch.as_tensor(negative).float()
+    if pos.ndim != 3 or pos.shape != neg.shape:
+        raise SteerError(f"per-step mean codes must be (steps, tokens, n_latents) of one shape, got "
+                         f"{tuple(pos.shape)} and {tuple(neg.shape)}: measure both at the same site, resolution "
+                         "and steps")
+    if not bool(torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise SteerError("per-step mean codes must be finite")
+    kept = (pos - neg).abs().topk(min(top_n, pos.shape[-1]), dim=-1).indices
+    if progress is None:
+        progress = torch.linspace(0, 1, pos.shape[0]) if pos.shape[0] > 1 else torch.zeros(1)
+    return ScheduledConcept(kept, pos.gather(-1, kept), progress)
+
+
+def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, strength: float = 1.0,
+                         window: Window = None, cond_only: bool = True,
+                         mask: Optional[Tensor] = None) -> SiteFunction:
+    """A site function moving, at each step and token position, the concept's features from the sample's own
+    activation ``a`` toward the target ``t``: it adds ``strength * (t - a)`` of each feature's direction, so
+    strength 1 clamps them (what the dictionary does not explain, and every other feature, stays). Acts on the
+    prompt's rows of guidance (every row with ``cond_only=False``) inside ``window``; a site with another
+    number of tokens is refused (another resolution), a context without a sampling position too. ``mask``: an
+    ``(H, W)`` map in [0, 1] over the image scaling each token's edit (as :class:`~sae_core.steering.Steer`'s)."""
+    s = _finite(strength, "strength")
+    window = validate_window(window)
+    weights = None if mask is None else checked_mask(mask)
+    ids = sorted(set(concept.features.flatten().tolist()))
+    _check_ids(dictionary, tuple(ids))
+    directions = torch.zeros(dictionary.n_latents, dictionary.d_in)
+    directions[ids] = feature_directions(dictionary, ids)
+
+    def steer_site(h: Tensor, ctx: SiteContext) -> Tensor:
+        if h.ndim != 3 or h.shape[1] != concept.tokens or h.shape[2] != dictionary.d_in:
+            raise SteerError(f"this concept was measured on {concept.tokens} tokens of width {dictionary.d_in}, "
+                             f"the site has {tuple(h.shape[1:])}: sample at the resolution it was measured at")
+        if s == 0 or not in_window(ctx, window):
+            return h
+        if ctx.progress is None:
+            raise ScheduleError("a concept per sampling step needs to know the step: this runtime gives no "
+                                "sampling progress at the site")
+        rows = (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
+        if len(rows) == 0:
+            return h
+        step = concept.step_at(ctx.progress)
+        features = concept.features[step].to(h.device)
+        current = _activations_of(dictionary, h.index_select(0, rows), features)
+        change = s * (concept.targets[step].to(h.device) - current)  # (rows, tokens, n)
+        if weights is not None:
+            change = change * _token_mask(weights, ctx, concept.tokens).to(h.device)[None, :, None]
+        added = torch.zeros(len(rows), concept.tokens, dictionary.d_in, device=h.device)
+        table = directions.to(h.device)
+        for j in range(features.shape[1]):
+            added += change[..., j:j + 1] * table[features[:, j]]
+        return h.index_add(0, rows, added.to(h.dtype))
+
+    return steer_site
+
+
+def _token_mask(mask: Tensor, ctx: SiteContext, tokens: int) -> Tensor:
+    if ctx.grid is None:
+        raise SteerError("a steering mask needs image tokens, but this site's tokens have no grid (text tokens): "
+                         "remove the mask or steer an image stream")
+    if ctx.frames * ctx.grid[0] * ctx.grid[1] != tokens:
+        raise SteerError(f"the token grid {ctx.frames}x{ctx.grid[0]}x{ctx.grid[1]} does not match the site's {tokens} "
+                         "tokens; the model adapter reported a wrong grid")
+    return mask_to_tokens(mask, ctx.grid).repeat(ctx.frames)
+
+
+def _activations_of(dictionary: Dictionary, h: Tensor, features: Tensor) -> Tensor:
+    """Each row's activation of the given features at each position: ``h`` ``(rows, tokens, d)``, ``features``
+    ``(tokens, n)`` -> ``(rows, tokens, n)`` float32 (0 where the encoder did not select the feature)."""
+    with torch.no_grad():
+        codes = dictionary.encode(h.to(torch.promote_types(h.dtype, torch.float32)))
+    selected = codes.indices.unsqueeze(-1) == features.to(codes.indices.device).unsqueeze(1)  # (rows, T, k, n)
+    return (codes.values.float().unsqueeze(-1) * selected).sum(-2).to(h.device)
+
+
+class StepCodeMeter:
+    """A site function reading the dictionary's mean code at each sampling step and token position, on the prompt
+    rows, without changing anything: what :func:`scheduled_concept_from_meters` is built from. Codes are kept
+    sparse (k per token), so a wide dictionary at a large resolution never needs a dense
+    ``(steps, tokens, n_latents)`` array: one step's ``(tokens, n_latents)`` mean at a time."""
+
+    def __init__(self, dictionary: Dictionary):
+        self.dictionary = dictionary
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts: dict[float, list[tuple[Tensor, Tensor]]] = {}
+        self.rows: dict[float, int] = {}
+        self.tokens: Optional[int] = None
+
+    def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
+        if ctx.progress is None:
+            raise ScheduleError("measuring codes per sampling step needs the step: this runtime gives no sampling "
+                                "progress at the site")
+        rows = prompt_rows(ctx, h.shape[0]).to(h.device)
+        if len(rows) == 0:
+            return h
+        if h.ndim != 3 or (self.tokens is not None and h.shape[1] != self.tokens):
+            raise SteerError(f"the site's tokens changed while measuring ({self.tokens} then {tuple(h.shape)}): "
+                             "measure every prompt at one resolution")
+        self.tokens = h.shape[1]
+        x = h.detach().index_select(0, rows).to(self.dictionary.rows.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise SteerError("the model produced NaN or inf at the site while measuring: the concept would be "
+                             "meaningless; check the model and the sampler settings")
+        with torch.no_grad():
+            codes = self.dictionary.encode(x)
+        key = round(float(ctx.progress), 6)
+        self.parts.setdefault(key, []).append((codes.indices.cpu(), codes.values.float().cpu()))
+        self.rows[key] = self.rows.get(key, 0) + len(rows)
+        return h
+
+    def progress(self, what: str) -> list[float]:
+        """The measured steps' places in sampling, increasing."""
+        if not self.parts:
+            raise ScheduleError(f"sampling the {what} prompts never reached the site: check the site and the steps")
+        return sorted(self.parts)
+
+    def step_mean(self, progress: float) -> Tensor:
+        """Mean codes ``(tokens, n_latents)`` float32 at one measured step."""
+        out = torch.zeros(self.tokens, self.dictionary.n_latents)
+        for indices, values in self.parts[progress]:
+            out.scatter_add_(-1, indices.transpose(0, 1).reshape(self.tokens, -1),
+                             values.transpose(0, 1).reshape(self.tokens, -1))
+        return out / self.rows[progress]
+
+
+def scheduled_concept_from_meters(positive: StepCodeMeter, negative: StepCodeMeter, top_n: int) -> ScheduledConcept:
+    """:func:`scheduled_concept_from_codes` from two meters, one step at a time (only one dense
+    ``(tokens, n_latents)`` mean per side is held at once)."""
+    steps = positive.progress("positive")
+    if steps != negative.progress("negative") or positive.tokens != negative.tokens:
+        raise SteerError("the positive and negative prompts were measured at different steps or resolutions: "
+                         "sample both with the same steps, scheduler and latent size")
+    parts = [scheduled_concept_from_codes(positive.step_mean(p)[None], negative.step_mean(p)[None], top_n)
+             for p in steps]
+    return ScheduledConcept(torch.cat([c.features for c in parts]), torch.cat([c.targets for c in parts]),
+                            torch.tensor(steps, dtype=torch.float64))

@@ -419,7 +419,7 @@ class Steer:
         if self.mode in ("ablate", "swap"):
             _check_fractions(self.strengths, self.mode)
         if self.mask is not None:
-            object.__setattr__(self, "mask", _checked_mask(self.mask))
+            object.__setattr__(self, "mask", checked_mask(self.mask))
         object.__setattr__(self, "detect", _checked_detect(self.detect))
         object.__setattr__(self, "detect_threshold", _checked_threshold(self.detect_threshold))
 
@@ -453,7 +453,8 @@ def _checked_threshold(threshold: float) -> float:
     return value
 
 
-def _checked_mask(mask: Tensor) -> Tensor:
+def checked_mask(mask: Tensor) -> Tensor:
+    """An ``(H, W)`` steering mask as float32 on the CPU, or SteerError saying what is wrong with it."""
     m = torch.as_tensor(mask).detach().float().cpu()
     if m.ndim != 2:
         raise SteerError(f"a steering mask is an (H, W) map, got shape {tuple(m.shape)}: pass one mask, not a batch")

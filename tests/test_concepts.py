@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import sae_core.concepts as concepts
-from sae_core import (Concept, SiteContext, SpatialConcept, SparseAutoencoder, Standardizer, concept_from_codes,
-                      concept_from_words, mean_codes, replace_steers, spatial_concept_from_codes, spatial_steer_function,
-                      steer_function)
-from sae_core.errors import DictionaryError, SteerError
+from sae_core import (Concept, ScheduledConcept, SiteContext, SpatialConcept, SparseAutoencoder, Standardizer,
+                      StepCodeMeter, clamp_steer_function, concept_from_codes, concept_from_words, mean_codes,
+                      replace_steers, scheduled_concept_from_codes, scheduled_concept_from_meters,
+                      spatial_concept_from_codes, spatial_steer_function, steer_function)
+from sae_core.errors import DictionaryError, ScheduleError, SteerError
 from sae_core.feature_index import open_index
 from sae_core.kernels import SparseCodes
 
@@ -317,3 +318,112 @@ def test_a_spatial_concept_adds_each_positions_vector_on_the_prompt_rows_only(sa
 def test_a_malformed_spatial_concept_is_refused(features, weights, message):
     with pytest.raises(SteerError, match=message):
         SpatialConcept(torch.tensor(features), torch.tensor(weights))
+
+
+# ----------------------------------------------------------------------------- clamped per step and position
+
+
+def test_a_scheduled_concept_keeps_each_steps_and_positions_largest_differences_with_the_positive_targets():
+    gen = torch.Generator().manual_seed(6)
+    positive, negative = torch.rand(3, 4, 10, generator=gen), torch.rand(3, 4, 10, generator=gen)
+    concept = scheduled_concept_from_codes(positive, negative, top_n=3)
+    assert concept.progress.tolist() == [0.0, 0.5, 1.0]
+    for t in range(3):
+        for p in range(4):
+            expected = (positive - negative)[t, p].abs().argsort(descending=True)[:3]
+            assert concept.features[t, p].tolist() == expected.tolist()
+            assert torch.equal(concept.targets[t, p], positive[t, p, expected])
+
+
+def test_a_clamp_sets_each_feature_to_its_target_and_keeps_the_rest_of_the_activation(sae):
+    h = activations(sae, 7, (2, 3))
+    features = torch.tensor([[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]])
+    targets = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(8)) * 3
+    concept = ScheduledConcept(features, targets, torch.tensor([0.0, 1.0]))
+    cond = torch.tensor([False, True])
+    steer = clamp_steer_function(sae, concept, strength=1.0)
+    out = steer(h, SiteContext(sigma=0.1, progress=0.9, cond=cond, grid=None))  # nearest measured step: 1
+    assert torch.equal(out[0], h[0])  # the unconditional row is untouched
+    current = sae.dense_codes(h[1])  # (tokens, M)
+    for p in range(3):
+        expected = sum(float(targets[1, p, j] - current[p, features[1, p, j]]) * sae.direction(int(features[1, p, j]))
+                       for j in range(2))
+        assert torch.allclose(out[1, p] - h[1, p], expected, atol=1e-5)
+    half = clamp_steer_function(sae, concept, strength=0.5)(h, SiteContext(sigma=0.1, progress=0.9, cond=cond,
+                                                                           grid=None))
+    assert torch.allclose(half[1] - h[1], 0.5 * (out[1] - h[1]), atol=1e-5)
+    assert clamp_steer_function(sae, concept, window=(0.0, 0.5))(h, SiteContext(sigma=0.1, progress=0.9, cond=cond,
+                                                                                 grid=None)) is h
+
+
+def test_a_clamp_at_the_targets_own_codes_changes_nothing(sae):
+    h = activations(sae, 9, (1, 4))
+    codes = sae.dense_codes(h)[0]  # (tokens, M)
+    features = codes.argsort(-1, descending=True)[:, :2]
+    concept = ScheduledConcept(features[None], codes.gather(-1, features)[None], torch.tensor([0.0]))
+    out = clamp_steer_function(sae, concept)(h, ctx(progress=0.3))
+    assert torch.allclose(out, h, atol=1e-5)
+
+
+def test_a_clamp_under_a_mask_edits_each_token_by_the_masks_weight_there(sae):
+    h = activations(sae, 11, (1, 4))
+    concept = ScheduledConcept(torch.tensor([[[0, 1]] * 4]), torch.full((1, 4, 2), 2.0), torch.tensor([0.0]))
+    mask = torch.tensor([[1.0, 0.0], [0.5, 0.0]])  # a 2x2 image over a 2x2 token grid
+    context = SiteContext(sigma=None, progress=0.0, cond=None, grid=(2, 2))
+    full = clamp_steer_function(sae, concept)(h, context) - h
+    masked = clamp_steer_function(sae, concept, mask=mask)(h, context) - h
+    assert torch.allclose(masked[0], full[0] * torch.tensor([1.0, 0.0, 0.5, 0.0])[:, None], atol=1e-6)
+    with pytest.raises(SteerError, match="no grid"):
+        clamp_steer_function(sae, concept, mask=mask)(h, ctx(progress=0.0))
+
+
+def test_a_clamp_refuses_another_resolution_and_a_runtime_without_a_step(sae):
+    concept = ScheduledConcept(torch.zeros(1, 3, 1, dtype=torch.long), torch.ones(1, 3, 1), torch.tensor([0.0]))
+    steer = clamp_steer_function(sae, concept)
+    with pytest.raises(SteerError, match="measured on 3 tokens"):
+        steer(torch.randn(1, 5, D), ctx(progress=0.0))
+    with pytest.raises(ScheduleError, match="sampling progress"):
+        steer(torch.randn(1, 3, D), ctx())
+
+
+def test_the_step_meter_measures_the_mean_codes_of_each_step_and_position(sae):
+    steps = [activations(sae, 20 + t, (2, 4)) for t in range(3)]
+    others = [activations(sae, 30 + t, (2, 4)) for t in range(3)]
+    positive, negative = StepCodeMeter(sae), StepCodeMeter(sae)
+    for meter, xs in ((positive, steps), (negative, others)):
+        for t, x in enumerate(xs):  # two rows of guidance: the prompt's is the second
+            h = torch.cat([torch.randn_like(x[:1]), x[1:]])
+            assert meter(h, ctx(cond=[False, True], progress=t / 2)) is h
+            meter(x[:1], ctx(progress=t / 2))
+    dense = [torch.stack([sae.dense_codes(x).mean(0) for x in xs]) for xs in (steps, others)]
+    assert torch.allclose(positive.step_mean(0.5), dense[0][1], atol=1e-6)
+    from_meters = scheduled_concept_from_meters(positive, negative, top_n=2)
+    from_codes = scheduled_concept_from_codes(dense[0], dense[1], top_n=2)
+    assert torch.equal(from_meters.features, from_codes.features)
+    assert torch.allclose(from_meters.targets, from_codes.targets, atol=1e-6)
+    assert from_meters.progress.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_the_step_meter_refuses_nan_and_mismatched_measurements(sae):
+    meter = StepCodeMeter(sae)
+    with pytest.raises(SteerError, match="NaN or inf"):
+        meter(torch.full((1, 3, D), float("nan")), ctx(progress=0.0))
+    with pytest.raises(ScheduleError, match="never reached the site"):
+        scheduled_concept_from_meters(meter, StepCodeMeter(sae), top_n=1)
+    meter(activations(sae, 1, (1, 3)), ctx(progress=0.0))
+    other = StepCodeMeter(sae)
+    other(activations(sae, 2, (1, 3)), ctx(progress=0.5))
+    with pytest.raises(SteerError, match="different steps"):
+        scheduled_concept_from_meters(meter, other, top_n=1)
+
+
+@pytest.mark.parametrize("features, targets, progress, message", [
+    ([[[1, 2]]], [[[0.5]]], [0.0], "one shape"),
+    ([[[1.0, 2.0]]], [[[0.5, 0.5]]], [0.0], "integer feature ids"),
+    ([[[1, 2]]], [[[float("inf"), 0.5]]], [0.0], "finite"),
+    ([[[1, 2]], [[1, 2]]], [[[1.0, 1.0]], [[1.0, 1.0]]], [0.5, 0.5], "increasing"),
+    ([[[1, 2]]], [[[1.0, 1.0]]], [1.5], "in \\[0, 1\\]"),
+])
+def test_a_malformed_scheduled_concept_is_refused(features, targets, progress, message):
+    with pytest.raises(SteerError, match=message):
+        ScheduledConcept(torch.tensor(features), torch.tensor(targets), torch.tensor(progress))
