@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_core import InputError, SiteContext, SparseAutoencoder, Steer
-from sae_core.concepts import Concept, SpatialConcept, replace_steers
+from sae_core.concepts import Concept, ScheduledConcept, SpatialConcept, clamp_steer_function, replace_steers
 from training.compat import apply_torchvision_workaround
 
 apply_torchvision_workaround()
@@ -169,3 +169,39 @@ def test_a_spatial_concept_adds_each_positions_own_features_and_its_controls_mat
     picked, same_weights = drawn.parts[site].positional.features, drawn.parts[site].positional.weights
     assert torch.equal(same_weights, weights) and not torch.equal(picked, features)
     assert all(len(set(row.tolist())) == 3 for row in picked)
+
+
+def test_a_clamp_part_is_the_library_clamp_and_its_controls_have_its_size(sae):
+    site = _site()
+    gen = torch.Generator().manual_seed(4)
+    features, targets = torch.randint(M, (2, 5, 3), generator=gen), 2 * torch.rand(2, 5, 3, generator=gen)
+    concept = ScheduledConcept(features, targets, torch.tensor([0.0, 1.0]))
+    part = Part(sae, clamp=concept, clamp_strength=0.5)
+    h = torch.randn(2, 5, D)
+    ctx = SiteContext(sigma=0.5, progress=0.8, cond=torch.tensor([False, True]), grid=None)
+    out = Recipe({site: part}).functions(None)[site](h, ctx)
+    assert torch.equal(out, clamp_steer_function(sae, concept, 0.5)(h, ctx))
+    assert torch.equal(out[0], h[0]) and not torch.allclose(out[1], h[1])
+    turned = random_direction_control(Recipe({site: part}), torch.Generator().manual_seed(0))
+    moved = turned.functions(None)[site](h, ctx)
+    edit, turned_edit = out - h, moved - h
+    assert torch.allclose(turned_edit.norm(dim=-1), edit.norm(dim=-1), atol=1e-4)  # same size, token by token
+    cosine = torch.nn.functional.cosine_similarity(turned_edit[1], edit[1], dim=-1)
+    assert bool((cosine.abs() < 0.9).all())  # another direction
+    drawn = random_features_control(Recipe({site: part}), torch.Generator().manual_seed(1), {site: torch.arange(M)})
+    clamp = drawn.parts[site].clamp
+    assert torch.equal(clamp.targets, targets) and not torch.equal(clamp.features, features)
+    assert drawn.parts[site].clamp_strength == 0.5
+
+
+def test_a_spatial_difference_of_means_adds_the_nearest_steps_vector_and_its_control_keeps_each_norm(sae):
+    site = _site()
+    vectors = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(5))
+    part = Part(sae, step_vectors=vectors)
+    h = torch.randn(2, 5, D)
+    ctx = SiteContext(sigma=0.5, progress=0.5, cond=torch.tensor([False, True]), grid=None)
+    out = Recipe({site: part}).functions(None)[site](h, ctx)
+    assert torch.equal(out[0], h[0]) and torch.allclose(out[1] - h[1], vectors[1], atol=1e-6)
+    turned = random_direction_control(Recipe({site: part}), torch.Generator().manual_seed(0)).parts[site]
+    assert torch.allclose(turned.step_vectors.norm(dim=-1), vectors.norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(turned.step_vectors, vectors)

@@ -447,8 +447,14 @@ def cmd_steer_lab(args: argparse.Namespace) -> int:
     if args.quick:
         seeds = Seeds(profile=seeds.profile[:1], trial=seeds.trial, evaluate=seeds.evaluate[:1])
     kinds = ["topk"] + [k for k in args.kinds if k != "topk"]
-    plan = LabPlan(args.model, Path(args.out), args.sites or _lab_sites(args.model), args.methods, kinds, targets,
-                   seeds, windows, strengths, top_n=args.top_n, controls=controls, dictionary_steps=dictionary_steps,
+    sites = args.sites or _lab_sites(args.model)
+    groups = [group.split("+") for group in args.groups]
+    unknown = sorted({name for group in groups for name in group} - set(sites))
+    if unknown or any(len(group) < 2 for group in groups):
+        raise ConfigError(f"--groups: each group is two or more of the lab's sites joined by '+' ({', '.join(sites)}); "
+                          f"{', '.join(unknown) or 'a group of one site'} is not")
+    plan = LabPlan(args.model, Path(args.out), sites, args.methods, kinds, targets, seeds, windows, strengths,
+                   top_n=args.top_n, groups=groups, controls=controls, dictionary_steps=dictionary_steps,
                    captions=captions, seed=args.seed)
     run_lab(plan, load_runner(args.model), say)
     return 0
@@ -657,7 +663,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                      help="all 20 classes, or a fixed random half drawn by --seed (never hand-picked)")
     lab.add_argument("--strengths", type=FINITE, nargs="+", default=None, help="override every method's sweep")
     lab.add_argument("--windows", type=Span(), nargs="+", default=None, help="START-END progress windows or 'all'")
-    lab.add_argument("--top-n", type=Number(int, min=1, max=4096), default=8, help="features a concept keeps")
+    lab.add_argument("--groups", type=TEXT, nargs="+", default=[],
+                     help="sets of sites steered at once, e.g. output_blocks.0:residual+output_blocks.1:residual "
+                          "(each site must be in --sites); swept beside the single sites")
+    lab.add_argument("--top-n", type=Number(int, min=1, max=4096), default=None,
+                     help="features a concept keeps (default: 8, and 32 per step and position for concept:clamp)")
     lab.add_argument("--controls", type=Number(int, min=1, max=100), default=2,
                      help="random controls per final row (each kind)")
     lab.add_argument("--eval-seeds", type=Number(int, min=1, max=1000), default=2,

@@ -22,9 +22,18 @@ Methods (``METHODS``), each a recipe "target class -> steers at a site":
   classifier's probability of the target);
 * ``concept``: the SAE-projected difference of means (:func:`sae_core.concepts.concept_from_codes`), its top-n
   features with their weights, added in raw units (strength 1 adds exactly the mean difference they explain);
+* ``concept:spatial``: a concept per token position (:func:`sae_core.concepts.spatial_concept_from_codes`),
+  each position's vector added there;
+* ``concept:clamp``: a concept per sampling step and position, clamped
+  (:func:`sae_core.concepts.clamp_steer_function`): the sample's own activation of each selected feature is
+  moved to the target's mean there and then;
 * ``replace``: detect-then-replace (:func:`sae_core.concepts.replace_steers`): where features of the other
   classes fire, remove them and add the target's concept; other tokens are left bit for bit;
-* ``diff_of_means``: the plain supervised difference of mean activations (the bar), raw units.
+* ``diff_of_means``: the plain supervised difference of mean activations (the bar), raw units;
+* ``diff_of_means:spatial``: the same difference per step and position (the bar for the two above).
+
+``--groups`` steers several sites at once (each its own part of the recipe). Every row also reports its digit
+and animal targets apart: the two domains steer very differently.
 """
 from __future__ import annotations
 
@@ -95,9 +104,17 @@ class SiteProfile:
     """(classes, d) float64"""
     code_means: dict[str, Tensor]
     """kind -> (classes, n_latents) float64"""
-    position_means: dict[str, Tensor] = field(default_factory=dict)
-    """kind -> (classes, tokens, n_latents) float32: the mean code at each token position (where the class is
-    drawn: on an image stream the digit's strokes sit at some positions and not others)."""
+    step_means: dict[str, Tensor] = field(default_factory=dict)
+    """kind -> (classes, steps, tokens, n_latents) float32: the mean code at each sampling step and token position
+    (where the class is drawn: on an image stream the digit's strokes sit at some positions and not others, and
+    what a feature holds changes along sampling)."""
+    step_activations: Optional[Tensor] = None
+    """(classes, steps, tokens, d) float32: the mean activation at each step and position."""
+
+    @property
+    def position_means(self) -> dict[str, Tensor]:
+        """kind -> (classes, tokens, n_latents): the mean code at each position over every step."""
+        return {kind: means.mean(1) for kind, means in self.step_means.items()}
 
     def contrast(self, target: int, of: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(target's mean, mean over the other classes of its domain) of ``of`` (default: activation means)."""
@@ -107,19 +124,20 @@ class SiteProfile:
 
 def profile_sites(runner: Runner, dictionaries: dict[Site, dict[str, Any]], seeds: Sequence[int],
                   batch_size: int = 40) -> dict[Site, SiteProfile]:
-    """Mean activations and codes per class prompt at every site at once (cond rows, every step)."""
-    n = len(CLASSES)
+    """Mean activations and codes per class prompt at every site at once (cond rows, every step; per step and
+    position too)."""
+    n, steps = len(CLASSES), runner.defaults()[0]
     act_sums = {site: torch.zeros(n, int(site.extra["d"]), dtype=torch.float64) for site in dictionaries}
     code_sums = {site: {kind: torch.zeros(n, d.n_latents, dtype=torch.float64) for kind, d in kinds.items()}
                  for site, kinds in dictionaries.items()}
     counts = {site: torch.zeros(n, dtype=torch.float64) for site in dictionaries}
-    position_sums: dict[Site, dict[str, Tensor]] = {site: {} for site in dictionaries}
+    step_sums: dict[Site, dict[str, Tensor]] = {site: {} for site in dictionaries}
     jobs = [(c, s) for c in range(n) for s in seeds]
     for start in tqdm(range(0, len(jobs), batch_size), desc="profile classes", unit="batch", leave=False):
         chunk = jobs[start:start + batch_size]
         owner = torch.tensor([c for c, _ in chunk])
-        recorders = {site: Recorder(stream=_accumulator(site, owner, act_sums, code_sums, position_sums, counts,
-                                                        dictionaries))
+        recorders = {site: Recorder(stream=_accumulator(site, owner, act_sums, code_sums, step_sums, counts,
+                                                        dictionaries, steps))
                      for site in dictionaries}
         for recorder in recorders.values():
             recorder.begin(range(len(chunk)))
@@ -127,18 +145,24 @@ def profile_sites(runner: Runner, dictionaries: dict[Site, dict[str, Any]], seed
     profiles = {}
     for site in dictionaries:
         per_class = counts[site][:, None]
-        positions = {kind: (total / (per_class[:, :, None] / total.shape[1])).float()
-                     for kind, total in position_sums[site].items()}
+        per_step = (per_class / (steps * step_sums[site]["activations"].shape[2]))[:, :, None, None].float()
+        means = {kind: total / per_step for kind, total in step_sums[site].items()}
         profiles[site] = SiteProfile(act_sums[site] / per_class,
-                                     {kind: total / per_class for kind, total in code_sums[site].items()}, positions)
+                                     {kind: total / per_class for kind, total in code_sums[site].items()},
+                                     {kind: m for kind, m in means.items() if kind != "activations"},
+                                     means["activations"])
     return profiles
 
 
-def _accumulator(site, owner, act_sums, code_sums, position_sums, counts, dictionaries) -> Callable:
+def _accumulator(site, owner, act_sums, code_sums, step_sums, counts, dictionaries, steps) -> Callable:
     def accumulate(record) -> None:
         x = record.acts.double()  # (rows, tokens, d)
         rows_owner = owner[record.rows]
         tokens = x.shape[1]
+        step = int(round(record.progress * (steps - 1)))
+        if "activations" not in step_sums[site]:
+            step_sums[site]["activations"] = torch.zeros(len(CLASSES), steps, tokens, x.shape[-1])
+        step_sums[site]["activations"][:, step].index_add_(0, rows_owner, record.acts.float())
         act_sums[site].index_add_(0, rows_owner, x.sum(1))
         counts[site].index_add_(0, rows_owner, torch.full((len(rows_owner),), float(tokens), dtype=torch.float64))
         per_token = rows_owner.repeat_interleave(tokens)
@@ -149,11 +173,10 @@ def _accumulator(site, owner, act_sums, code_sums, position_sums, counts, dictio
             values, indices = codes.values.double().cpu(), codes.indices.cpu()
             where = (per_token[:, None].expand_as(indices), indices)
             code_sums[site][kind].index_put_(where, values, accumulate=True)
-            if kind not in position_sums[site]:
-                position_sums[site][kind] = torch.zeros(len(CLASSES), tokens, dictionary.n_latents,
-                                                        dtype=torch.float64)
+            if kind not in step_sums[site]:
+                step_sums[site][kind] = torch.zeros(len(CLASSES), steps, tokens, dictionary.n_latents)
             where = (per_token[:, None].expand_as(indices), position[:, None].expand_as(indices), indices)
-            position_sums[site][kind].index_put_(where, values, accumulate=True)
+            step_sums[site][kind][:, step].index_put_(where, values.float(), accumulate=True)
 
     return accumulate
 
@@ -305,6 +328,14 @@ class Part:
     """A :class:`sae_core.concepts.SpatialConcept` added in raw units to each prompt row, position by position."""
     position_vectors: Optional[Tensor] = None
     """Or given ``(tokens, d)`` vectors for that (a spatial concept's random-direction control)."""
+    clamp: Optional[Any] = None
+    """A :class:`sae_core.concepts.ScheduledConcept` clamped at ``clamp_strength`` on the prompt rows."""
+    clamp_strength: float = 1.0
+    turned: Optional[int] = None
+    """For ``clamp``: a random-direction control of it. Each token's edit is replaced by a fixed random direction
+    (drawn from this seed, one per step and position) of the edit's own norm."""
+    step_vectors: Optional[Tensor] = None
+    """``(steps, tokens, d)`` vectors added on the prompt rows at the nearest measured step (evenly spaced)."""
 
     def by_position(self) -> Optional[Tensor]:
         """The ``(tokens, d)`` vectors added per position, if any."""
@@ -325,11 +356,25 @@ class Recipe:
 
 
 def _part_function(part: Part, window: Optional[tuple[float, float]]) -> SiteFunction:
+    from sae_core.concepts import clamp_steer_function
+
     steers = [_windowed(s, window) for s in part.steers]
     steered = steer_function(part.dictionary, steers) if steers else None
     per_position = part.by_position()
+    clamped = None
+    if part.clamp is not None:
+        clamped = clamp_steer_function(part.dictionary, part.clamp, part.clamp_strength, window)
+        if part.turned is not None:
+            clamped = _turned(clamped, part.turned, part.clamp)
 
     def apply(h: Tensor, ctx) -> Tensor:
+        if clamped is not None:
+            h = clamped(h, ctx)
+        if part.step_vectors is not None and in_window(ctx, window):
+            steps = part.step_vectors.shape[0]
+            rows = prompt_rows(ctx, h.shape[0]).to(h.device)
+            step = part.step_vectors[int(round(ctx.progress * (steps - 1)))]
+            h = h.index_add(0, rows, step.to(h.device, h.dtype).expand(len(rows), -1, -1))
         if per_position is not None and in_window(ctx, window):
             rows = prompt_rows(ctx, h.shape[0]).to(h.device)
             h = h.index_add(0, rows, per_position.to(h.device, h.dtype).expand(len(rows), -1, -1))
@@ -344,6 +389,21 @@ def _part_function(part: Part, window: Optional[tuple[float, float]]) -> SiteFun
         return steered(h, ctx) if steered is not None else h
 
     return apply
+
+
+def _turned(clamped: SiteFunction, seed: int, concept) -> SiteFunction:
+    """``clamped``'s edit with each token's change turned to a fixed random direction of the same norm."""
+    def turned(h: Tensor, ctx) -> Tensor:
+        edit = clamped(h, ctx) - h
+        if not bool(edit.any()):
+            return h
+        step = concept.step_at(ctx.progress)
+        gen = torch.Generator().manual_seed(seed * 1000 + step)
+        directions = torch.randn(h.shape[1], h.shape[2], generator=gen).to(h.device)
+        directions = directions / directions.norm(dim=-1, keepdim=True)
+        return h + edit.norm(dim=-1, keepdim=True) * directions.to(h.dtype)
+
+    return turned
 
 
 def _windowed(steer: Steer, window: Optional[tuple[float, float]]) -> Steer:
@@ -387,8 +447,15 @@ def random_features_control(recipe: Recipe, rng: torch.Generator, alive: dict[Si
             pool, (tokens, n) = alive[site], positional.features.shape
             picks = torch.stack([pool[torch.randperm(len(pool), generator=rng)[:n]] for _ in range(tokens)])
             positional = SpatialConcept(picks, positional.weights)
+        clamp = part.clamp
+        if clamp is not None:
+            from sae_core.concepts import ScheduledConcept
+
+            pool = alive[site]
+            picks = pool[torch.randint(len(pool), clamp.features.shape, generator=rng)]
+            clamp = ScheduledConcept(picks, clamp.targets, clamp.progress)
         parts[site] = Part(part.dictionary, steers, part.vector, part.vector_units, part.vector_strength, part.detect,
-                           positional)
+                           positional, clamp=clamp, clamp_strength=part.clamp_strength)
     return Recipe(parts, "random features")
 
 
@@ -402,6 +469,15 @@ def random_direction_control(recipe: Recipe, rng: torch.Generator) -> Recipe:
         if token_norm:  # one token_norm feature add: the same strength along a random unit direction
             turned = torch.randn(part.dictionary.d_in, generator=rng)
             parts[site] = Part(part.dictionary, kept, turned, "token_norm", token_norm[0].strengths[0], detect)
+            continue
+        if part.clamp is not None:  # each token's clamp edit, turned
+            seed = int(torch.randint(1 << 30, (1,), generator=rng))
+            parts[site] = Part(part.dictionary, kept, clamp=part.clamp, clamp_strength=part.clamp_strength, turned=seed)
+            continue
+        if part.step_vectors is not None:  # a random direction per step and position, each of its norm
+            turned = torch.randn(part.step_vectors.shape, generator=rng)
+            turned = turned / turned.norm(dim=-1, keepdim=True) * part.step_vectors.norm(dim=-1, keepdim=True)
+            parts[site] = Part(part.dictionary, kept, step_vectors=turned)
             continue
         if part.positional is not None:  # a random direction per position, each of that position's norm
             vectors = part.by_position()
@@ -418,8 +494,8 @@ def random_direction_control(recipe: Recipe, rng: torch.Generator) -> Recipe:
 # ----------------------------------------------------------------------------- methods
 
 
-METHODS = ("feature:specific", "feature:words", "feature:causal", "concept", "concept:spatial", "replace",
-           "diff_of_means")
+METHODS = ("feature:specific", "feature:words", "feature:causal", "concept", "concept:spatial", "concept:clamp",
+           "replace", "diff_of_means", "diff_of_means:spatial")
 CANDIDATES = 8
 """Features a causal choice tries (the most specific ones), each in a short trial steer on the trial seeds."""
 
@@ -486,6 +562,17 @@ def _site_recipe(ctx: Context, method: str, target: int, site: Site, kind: str, 
         concept = spatial_concept_from_codes(means[target], means[domain_of(target)].mean(0), setting.top_n)
         return Part(dictionary, positional=SpatialConcept(concept.features, s * concept.weights)), \
             f"top {setting.top_n} features at each of {concept.tokens} positions"
+    if method == "concept:clamp":
+        from sae_core.concepts import scheduled_concept_from_codes
+
+        means = profile.step_means[kind]
+        concept = scheduled_concept_from_codes(means[target], means[domain_of(target)].mean(0), setting.top_n)
+        return Part(dictionary, clamp=concept, clamp_strength=s), \
+            f"top {setting.top_n} features clamped at each of {concept.steps} steps x {concept.tokens} positions"
+    if method == "diff_of_means:spatial":
+        means = profile.step_activations
+        return Part(dictionary, step_vectors=s * (means[target] - means[domain_of(target)].mean(0))), \
+            "mean difference at each step and position"
     if method == "replace":
         target_concept = concept_from_codes(positive, negative, setting.top_n, dictionary=dictionary)
         source = concept_from_codes(negative, positive, setting.top_n, sign="positive")
@@ -539,11 +626,14 @@ class Row:
     controls: dict[str, dict[str, float]] = field(default_factory=dict)
     chosen: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    domains: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The outcome over the digit targets and over the animal targets apart."""
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "sites": self.sites, "kind": self.kind, "strength": self.setting.strength,
                 "window": self.setting.window, "top_n": self.setting.top_n, "outcome": self.outcome,
-                "controls": self.controls, "chosen": self.chosen, "seconds": round(self.seconds, 1)}
+                "domains": self.domains, "controls": self.controls, "chosen": self.chosen,
+                "seconds": round(self.seconds, 1)}
 
 
 def measure(ctx: Context, judge: Judge, method: str, sites: Sequence[Site], kind: str, setting: Setting,
@@ -552,15 +642,19 @@ def measure(ctx: Context, judge: Judge, method: str, sites: Sequence[Site], kind
     setting is chosen, the evaluation seeds once it is), and with ``controls`` > 0 the mean and max of that many
     random-feature and random-direction controls of the same size."""
     started = time.perf_counter()
-    total, chosen = Outcome(), {}
+    total, chosen, domains = Outcome(), {}, {}
     recipes = {}
     for target in targets:
         r = recipe(ctx, method, target, sites, kind, setting)
         recipes[target] = r
         chosen[CLASSES[target]] = r.chosen
         asked, _, images = run_steered(ctx.runner, r.functions(setting.window), target, seeds)
-        total = total.add(outcome_of(judge, images, asked, target))
-    row = Row(method, [s.name for s in sites], kind, setting, total.rates(), chosen=chosen)
+        outcome = outcome_of(judge, images, asked, target)
+        total = total.add(outcome)
+        domain = "digits" if target < len(DIGITS) else "animals"
+        domains[domain] = domains.get(domain, Outcome()).add(outcome)
+    row = Row(method, [s.name for s in sites], kind, setting, total.rates(), chosen=chosen,
+              domains={name: o.rates() for name, o in domains.items()})
     if controls:
         rng = torch.Generator().manual_seed(control_seed)
         alive = {site: (ctx.profiles[site].code_means[kind].sum(0) > 0).nonzero().flatten() for site in sites}
@@ -596,10 +690,17 @@ SHIPPED_SITES = {"organism-flux": ("double_blocks.1:image", "organism_flux_db1_i
 """Where each organism's shipped dictionary (with its feature index) sits: the lab uses it there, so
 ``feature:words`` reads the index the feature browser shows."""
 STRENGTHS = {"feature:specific": (0.25, 1.0), "feature:words": (0.25, 1.0), "feature:causal": (0.25, 1.0),
-             "concept": (2.0, 8.0, 32.0), "concept:spatial": (0.5, 1.0, 2.0), "replace": (2.0, 8.0, 32.0),
-             "diff_of_means": (2.0, 8.0, 32.0)}
+             "concept": (2.0, 8.0, 32.0), "concept:spatial": (0.5, 1.0, 2.0), "concept:clamp": (0.5, 1.0),
+             "replace": (2.0, 8.0, 32.0), "diff_of_means": (2.0, 8.0, 32.0), "diff_of_means:spatial": (0.5, 1.0, 2.0)}
 """Swept per method: token_norm for one feature (0.1 is Steer's default), multiples of the supervised mean
-difference (raw units) for concepts and the diff of means."""
+difference (raw units) for concepts and the diff of means, the fraction of the way to the target for a clamp
+(1 clamps)."""
+TOP_N = {"concept:clamp": 32}
+"""Features kept per method (per position and step for a clamp) unless the plan says otherwise; others keep
+:data:`DEFAULT_TOP_N`. A clamp only moves features toward values the target really has, so it can keep more: on
+the U-Net organism's output_blocks.1 it flipped 0.17 of samples cleanly with 8 and 0.42 with 32 (180 samples,
+2026-12-01)."""
+DEFAULT_TOP_N = 8
 WINDOWS = (None, (0.0, 0.5))
 
 
@@ -614,7 +715,10 @@ class LabPlan:
     seeds: Seeds
     windows: list[Optional[tuple[float, float]]]
     strengths: dict[str, tuple[float, ...]]
-    top_n: int = 8
+    top_n: Optional[int] = None
+    """Features every concept keeps; None: :data:`TOP_N` per method."""
+    groups: list[list[str]] = field(default_factory=list)
+    """Sets of ``sites`` steered at once (each site its own part), swept beside the single sites."""
     controls: int = 2
     dictionary_steps: int = 1000
     captions: int = 240
@@ -659,16 +763,18 @@ def run_lab(plan: LabPlan, runner: Runner, say: Callable[[str], None] = print) -
     baseline = measure(ctx, judge, "none", sites[:1], "topk", Setting(0.0), plan.targets, plan.seeds.evaluate)
     say(f"[lab] unsteered: {_rates(baseline.outcome)}")
     sweep: list[Row] = []
+    units = [[site] for site in sites] + [[runner.site(name) for name in group] for group in plan.groups]
     for method in plan.methods:
-        for site in sites:
-            if method == "feature:words" and site not in indexes:
+        top_n = plan.top_n or TOP_N.get(method, DEFAULT_TOP_N)
+        for unit in units:
+            if method == "feature:words" and any(site not in indexes for site in unit):
                 continue
             for strength in plan.strengths[method]:
                 for window in plan.windows:
-                    row = measure(ctx, judge, method, [site], "topk", Setting(strength, window, plan.top_n),
-                                  plan.targets, plan.seeds.trial)
+                    setting = Setting(strength, window, top_n)
+                    row = measure(ctx, judge, method, unit, "topk", setting, plan.targets, plan.seeds.trial)
                     sweep.append(row)
-                    say(f"[sweep] {method:<17} {site.name:<24} {Setting(strength, window, plan.top_n).label():<34} "
+                    say(f"[sweep] {method:<21} {'+'.join(s.name for s in unit):<24} {setting.label():<34} "
                         f"{_rates(row.outcome)}")
     final: list[Row] = []
     for method in plan.methods:
@@ -676,10 +782,10 @@ def run_lab(plan: LabPlan, runner: Runner, say: Callable[[str], None] = print) -
         if not candidates:
             continue
         best = max(candidates, key=lambda r: (r.outcome["clean_flip"], -r.setting.strength))
-        row = measure(ctx, judge, method, [runner.site(best.sites[0])], "topk", best.setting, plan.targets,
-                      plan.seeds.evaluate, controls=plan.controls, control_seed=plan.seed)
+        row = measure(ctx, judge, method, [runner.site(name) for name in best.sites], "topk", best.setting,
+                      plan.targets, plan.seeds.evaluate, controls=plan.controls, control_seed=plan.seed)
         final.append(row)
-        say(f"[final] {method:<17} {best.sites[0]:<24} {best.setting.label():<34} {_rates(row.outcome)}  "
+        say(f"[final] {method:<21} {'+'.join(best.sites):<24} {best.setting.label():<34} {_rates(row.outcome)}  "
             f"controls: {_controls(row)}")
     final += _kind_rows(ctx, judge, plan, final, runner, say)
     summary = {"model": plan.model, "targets": [CLASSES[t] for t in plan.targets], "seeds": plan.seeds.__dict__,
@@ -701,7 +807,8 @@ def _kind_rows(ctx: Context, judge: Judge, plan: LabPlan, final: list[Row], runn
     for kind in plan.kinds:
         if best is None or kind == "topk":
             continue
-        row = measure(ctx, judge, "concept", [runner.site(best.sites[0])], kind, best.setting, plan.targets,
+        row = measure(ctx, judge, "concept", [runner.site(name) for name in best.sites], kind, best.setting,
+                      plan.targets,
                       plan.seeds.evaluate, controls=plan.controls, control_seed=plan.seed)
         rows.append(row)
         say(f"[final] concept ({kind}) {best.sites[0]} {best.setting.label()} {_rates(row.outcome)}  "
@@ -722,31 +829,33 @@ def _controls(row: Row) -> str:
 def lab_markdown(summary: dict[str, Any]) -> str:
     """The final table: one row per method (its best setting), flip / clean / clean flip, and the controls."""
     lines = [f"Targets: {', '.join(summary['targets'])}; unsteered: {_rates(summary['baseline'])}.", "",
-             "| method | dictionary | site | setting | flip | clean | clean flip | random features flip (mean / max) "
-             "| random direction flip (mean / max) |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | dictionary | site | setting | flip | clean | clean flip | clean flip: digits / animals "
+             "| random features flip (mean / max) | random direction flip (mean / max) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in summary["final"]:
         window = "all steps" if row["window"] is None else f"{row['window'][0]:g}-{row['window'][1]:g}"
         cells = []
         for name in ("random features", "random direction"):
             c = row["controls"].get(name)
             cells.append("-" if c is None else f"{c['flip_mean']:.2f} / {c['flip_max']:.2f}")
-        o = row["outcome"]
-        lines.append(f"| {row['method']} | {row['kind']} | {', '.join(row['sites'])} | {row['strength']:g}, {window}, "
-                     f"top {row['top_n']} | {o['flip']:.2f} | {o['clean']:.2f} | {o['clean_flip']:.2f} | "
+        o, domains = row["outcome"], row.get("domains", {})
+        split = " / ".join(f"{domains[d]['clean_flip']:.2f}" if d in domains else "-" for d in ("digits", "animals"))
+        lines.append(f"| {row['method']} | {row['kind']} | {' + '.join(row['sites'])} | {row['strength']:g}, {window}, "
+                     f"top {row['top_n']} | {o['flip']:.2f} | {o['clean']:.2f} | {o['clean_flip']:.2f} | {split} | "
                      f"{cells[0]} | {cells[1]} |")
     return "\n".join(lines + [""] + sweep_markdown(summary["sweep"])) + "\n"
 
 
 def sweep_markdown(sweep: Sequence[dict[str, Any]]) -> list[str]:
     """The sweep (trial seeds) as one table: per method and site, its best clean flip and the setting."""
-    sites = list(dict.fromkeys(site for row in sweep for site in row["sites"]))
+    sites = list(dict.fromkeys("+".join(row["sites"]) for row in sweep))
     methods = list(dict.fromkeys(row["method"] for row in sweep))
     lines = ["Sweep on the trial seeds: per method and site, the best clean flip (flip, clean) and its strength and "
              "window.", "", "| method | " + " | ".join(sites) + " |", "| --- |" + " ---: |" * len(sites)]
     for method in methods:
         cells = []
         for site in sites:
-            rows = [r for r in sweep if r["method"] == method and r["sites"] == [site]]
+            rows = [r for r in sweep if r["method"] == method and "+".join(r["sites"]) == site]
             if not rows:
                 cells.append("-")
                 continue
