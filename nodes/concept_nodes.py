@@ -18,9 +18,10 @@ from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from ..sae_core import (MODES, UNITS, Concept, Dictionary, InputError, ScheduleError, SiteContext, Steer,
-                        SteerError, concept_from_codes, concept_from_words, load_dictionary, mean_codes, prompt_rows,
-                        replace_steers, steer_function)
+from ..sae_core import (MODES, UNITS, Concept, Dictionary, InputError, ScheduledConcept, ScheduleError, SiteContext,
+                        SiteFunction, Steer, SteerError, StepCodeMeter, clamp_steer_function, concept_from_codes,
+                        concept_from_words, load_dictionary, mean_codes, prompt_rows, replace_steers,
+                        scheduled_concept_from_meters, steer_function)
 from ..sae_core.feature_index import FeatureIndex, index_folder_for, open_index
 from ..sae_core.plots import bar_chart
 from .adapters import adapter_for, patch_site
@@ -41,7 +42,7 @@ DEFAULT_WINDOW = (0.0, 0.5)
 and the class are decided; the lab's strong steers kept their pictures clean there and lost them when they also
 acted on the last steps."""
 SOURCES = ("prompts", "words")
-CONCEPT_MODES = ("add", "replace")
+CONCEPT_MODES = ("add", "replace", "clamp")
 MAX_CELLS = 64
 """A sweep's most cells: each is one full sampling."""
 MAX_STRENGTH = 100.0
@@ -66,7 +67,9 @@ class ConceptSteering:
 
     ``mode="add"`` adds ``target`` (and subtracts ``source`` when there is one: a negative word);
     ``mode="replace"`` detects ``source``'s tokens and replaces it there by ``target``
-    (:func:`sae_core.concepts.replace_steers`)."""
+    (:func:`sae_core.concepts.replace_steers`); ``mode="clamp"`` clamps ``scheduled``, per sampling step and
+    token position (:func:`sae_core.concepts.clamp_steer_function`), ``target`` being its summary over all steps
+    and positions (what the node lists)."""
 
     dictionary: Dictionary
     site: str
@@ -75,6 +78,14 @@ class ConceptSteering:
     source: Optional[Concept] = None
     cond_only: bool = True
     mask: Optional[Tensor] = field(default=None, repr=False)
+    scheduled: Optional[ScheduledConcept] = field(default=None, repr=False)
+
+    def site_function(self, strength: float, steer_window: Optional[tuple[float, float]]) -> SiteFunction:
+        """What the site runs at ``strength`` in ``steer_window``."""
+        if self.mode == "clamp":
+            return clamp_steer_function(self.dictionary, self.scheduled, strength, steer_window, self.cond_only,
+                                        self.mask)
+        return steer_function(self.dictionary, self.steers(strength, steer_window))
 
     def steers(self, strength: float, steer_window: Optional[tuple[float, float]]) -> list[Steer]:
         """The steers at ``strength`` (the concept's multiplier) acting in ``steer_window``."""
@@ -156,10 +167,15 @@ class SAESteerByConcept(io.ComfyNode):
                              tooltip="how many features the concept keeps, strongest first"),
                 io.Float.Input("strength", default=DEFAULT_STRENGTH, min=-100.0, max=100.0, step=0.05,
                                tooltip="the concept's multiplier: 1 adds the measured activation difference of its "
-                                       "features; replace: also the fraction 0..1 of the negative concept removed"),
+                                       "features; replace: also the fraction 0..1 of the negative concept removed; "
+                                       "clamp: the fraction 0..1 of the way to the positive prompts' values "
+                                       "(1 clamps)"),
                 io.Combo.Input("mode", options=list(CONCEPT_MODES),
                                tooltip="add: add the concept everywhere; replace: on the tokens where the negative "
-                                       "concept fires, remove it and add the positive one"),
+                                       "concept fires, remove it and add the positive one; clamp: at every step and "
+                                       "image position, set the top_n features that differ most there to the "
+                                       "positive prompts' values (source prompts; sample at the measured size; "
+                                       "top_n 32 works well)"),
                 *window_inputs(*DEFAULT_WINDOW, "steer"),
                 io.Boolean.Input("cond_only", default=True,
                                  tooltip="steer only the positive prompt's half of CFG (off: both halves)"),
@@ -202,7 +218,19 @@ class SAESteerByConcept(io.ComfyNode):
         sae = load_dictionary(path).to(comfy.model_management.get_torch_device())
         index = index_beside(path)
         site_name = site.strip() or sae.site.name
-        if source == "words":
+        scheduled = None
+        if mode == "clamp" and source == "words":
+            raise InputError("clamp mode measures the positive and negative prompts at every step and position: set "
+                             "source to prompts")
+        if mode == "clamp" and not 0 <= strength <= 1:
+            raise InputError(f"clamp strength {strength:g}: it is the fraction 0..1 of the way to the positive "
+                             "prompts' values; past 1 it overshoots them and only breaks the picture")
+        if mode == "clamp":
+            sampling = Sampling(latent, seed, steps, cfg, sampler_name, scheduler)
+            target, scheduled, site_name = scheduled_from_prompts(
+                model, clip, sae, site_name, positive_prompts(positive), negative_prompts(negative), top_n, sampling)
+            negative_concept = None
+        elif source == "words":
             target, negative_concept = concepts_from_words(index, dictionary, positive, negative, top_n, mode)
             site_name = resolve_site(model, site_name)[1].name
         else:
@@ -210,9 +238,8 @@ class SAESteerByConcept(io.ComfyNode):
             target, negative_concept, site_name = concepts_from_prompts(
                 model, clip, sae, site_name, positive_prompts(positive), negative_prompts(negative), top_n, mode,
                 sampling)
-        concept = ConceptSteering(sae, site_name, mode, target, negative_concept, cond_only, mask)
-        patched, _ = patch_site(model, site_name, steer_function(sae, concept.steers(strength, steer_window)),
-                                width=sae.d_in)
+        concept = ConceptSteering(sae, site_name, mode, target, negative_concept, cond_only, mask, scheduled)
+        patched, _ = patch_site(model, site_name, concept.site_function(strength, steer_window), width=sae.d_in)
         text = describe_concept(concept, index, dictionary, strength)
         pictures = concept_pictures(concept.target, index)
         return io.NodeOutput(patched, concept, text, pictures,
@@ -300,6 +327,29 @@ def concepts_from_prompts(model, clip, sae: Dictionary, site: str, positive: lis
     return concept_from_codes(pos, neg, top_n, dictionary=sae), None, where.name
 
 
+def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: list[str], negative: list[str],
+                           top_n: int, sampling: Sampling) -> tuple[Concept, ScheduledConcept, str]:
+    """``(summary, scheduled, site)``: sample every prompt once, reading the codes at every step and position; the
+    clamp concept per step and position, and a summary concept (the difference of the mean codes over everything,
+    top_n) to list."""
+    import comfy.model_management
+    import comfy.utils
+
+    meters = {"positive": StepCodeMeter(sae), "negative": StepCodeMeter(sae)}
+    uncond = encode(clip, "")
+    bar = comfy.utils.ProgressBar(len(positive) + len(negative))
+    for what, prompts in (("positive", positive), ("negative", negative)):
+        patched, where = patch_site(model, site, meters[what], width=sae.d_in)
+        for i, prompt in enumerate(prompts):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            replace(sampling, seed=sampling.seed + i).sample(patched, encode(clip, prompt), uncond)
+            bar.update(1)
+    scheduled = scheduled_concept_from_meters(meters["positive"], meters["negative"], top_n)
+    overall = [torch.stack([meter.step_mean(p).mean(0) for p in meter.progress(what)]).mean(0)
+               for what, meter in meters.items()]
+    return concept_from_codes(overall[0], overall[1], top_n, dictionary=sae), scheduled, where.name
+
+
 def concepts_from_words(index: Optional[FeatureIndex], dictionary: str, positive: str, negative: str, top_n: int,
                         mode: str) -> tuple[Concept, Optional[Concept]]:
     """``(target, source)`` from the feature index's words: the positive word's concept, and the negative word's
@@ -347,7 +397,13 @@ def feature_name(index: Optional[FeatureIndex], feature: int) -> str:
 def describe_concept(concept: ConceptSteering, index: Optional[FeatureIndex], dictionary: str,
                      strength: float) -> str:
     """The node's text: what steers, and one line per feature with its weight and label."""
-    parts = [("adds" if concept.mode == "add" else "adds, where the negative concept fires,", concept.target)]
+    if concept.scheduled is not None:
+        plan = concept.scheduled
+        parts = [(f"clamps, at each of {plan.steps} steps x {plan.tokens} positions, its {plan.features.shape[2]} "
+                  "features that differ most there to the positive prompts' values; over all, the strongest are",
+                  concept.target)]
+    else:
+        parts = [("adds" if concept.mode == "add" else "adds, where the negative concept fires,", concept.target)]
     if concept.source is not None:
         parts.append(("subtracts" if concept.mode == "add" else "removes there", concept.source))
     lines = [f"{dictionary} at {concept.site}: {concept.mode}, strength {strength:g}"
@@ -447,16 +503,18 @@ class SAESteerSweep(io.ComfyNode):
         if concept is not None:
             require_linked(concept, ConceptSteering, "concept", "Steer by Concept")
             sae, site = concept.dictionary, concept.site
-            plans = [[concept.steers(s, w) for s in columns] for _, w in rows]
+            if concept.mode == "clamp" and any(not 0 <= s <= 1 for s in columns):
+                raise InputError("a clamp concept's strengths are fractions 0..1 of the way to the positive prompts' "
+                                 "values: type strengths between 0 and 1")
+            functions = [[concept.site_function(s, w) for s in columns] for _, w in rows]
         else:
             if dictionary is None:
                 raise InputError("no dictionary: connect Load Dictionary (for the features) or a Steer by Concept's "
                                  "concept")
             require_linked(dictionary, Dictionary, "dictionary", "Load Dictionary or Train Dictionary")
             sae, ids = dictionary, parse_features(features)
-            plans = [[[Steer(ids, s, mode=mode, units=units, window=w, cond_only=cond_only)] for s in columns]
-                     for _, w in rows]
-        functions = [[steer_function(sae, steers) for steers in row] for row in plans]  # validated before sampling
+            functions = [[steer_function(sae, [Steer(ids, s, mode=mode, units=units, window=w, cond_only=cond_only)])
+                          for s in columns] for _, w in rows]  # validated before sampling
         check_sampling_inputs(model, vae, positive, negative)
         sampling = Sampling(latent, seed, steps, cfg, sampler_name, scheduler)
         bar = comfy.utils.ProgressBar(len(rows) * len(columns))

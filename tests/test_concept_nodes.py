@@ -252,3 +252,43 @@ def test_steer_sweep_refuses_bad_strengths_and_windows_before_sampling(comfy, mo
         comfy.execute_graph(graph)
     assert message in refused.value.details["exception_message"]
     assert "\n" not in refused.value.details["exception_message"].strip()
+
+
+def test_a_clamp_concept_is_measured_per_step_and_position_and_steers_a_clone_and_the_sweep(comfy):
+    graph = organism()
+    graph["5"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
+        "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    graph["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
+    graph["7"] = keep(["6", 0], "unsteered")
+    graph["10"] = concept_node(mode="clamp")
+    graph["11"] = {"class_type": "SAETestSampleSteeredThenOriginal", "inputs": {
+        "steered": ["10", 0], "original": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent": ["4", 0]}}
+    graph["12"] = sweep_node(concept=["10", 1], strengths="0, 1", windows="0-1", features="")
+    graph["13"] = keep(["12", 1], "clamp cells")
+    outputs = comfy.execute_graph(graph)["outputs"]
+
+    text = outputs["10"]["text"][0]
+    assert text.startswith(f"{DICTIONARY} at double_blocks.1:image: clamp, strength 1")
+    assert f"clamps, at each of {STEPS} steps x 64 positions, its {TOP_N} features" in text
+    assert len(feature_lines(text)) == TOP_N
+    assert not torch.equal(KEPT["steered"], KEPT["original"])
+    cells = KEPT["clamp cells"]
+    assert torch.equal(cells[0], KEPT["unsteered"][0]) and not torch.equal(cells[1], KEPT["unsteered"][0])
+
+
+@pytest.mark.parametrize("concept, sweep, message", [
+    ({"mode": "clamp", "source": "words", "positive": "seven", "negative": ""}, None,
+     "clamp mode measures the positive and negative prompts at every step and position: set source to prompts"),
+    ({"mode": "clamp", "strength": 2.0}, None, "clamp strength 2: it is the fraction 0..1"),
+    ({"mode": "clamp"}, {"strengths": "0, 2"}, "a clamp concept's strengths are fractions 0..1"),
+])
+def test_clamp_settings_that_only_break_pictures_are_refused_in_one_line(comfy, concept, sweep, message):
+    graph = organism()
+    graph["10"] = concept_node(**concept)
+    if sweep is not None:
+        graph["12"] = sweep_node(concept=["10", 1], windows="0-1", features="", **sweep)
+    with pytest.raises(comfy.GraphError) as refused:
+        comfy.execute_graph(graph)
+    assert message in refused.value.details["exception_message"]
+    assert "\n" not in refused.value.details["exception_message"].strip()
