@@ -3,14 +3,20 @@
     OMP_NUM_THREADS=1 python -m bench.class_route --model organism-flux
     OMP_NUM_THREADS=1 python -m bench.class_route --model organism-unet
 
-Three measurements on digit prompts (each digit -> the digit three places on, 4 seeds each, 40 samples):
+    OMP_NUM_THREADS=1 python -m bench.class_route --model organism-unet --domain animals --held same other mean
+
+Measurements on digit (or animal) prompts (each class -> the class three places on in its domain, 4 seeds each,
+40 samples):
 
 * **input swap** (Flux): generate prompt A with B's sentence-encoder *token states* (A's pooled vector kept), then
   with B's *pooled vector* (A's tokens kept): which input the class follows (the U-Net reads only the tokens);
 * **oracle at a site**: generate A while the site's tokens are overwritten, step by step, with what that site
   held when B was generated from the same seed: the most any steer confined to that site's tokens could do (a
   steer adds a vector; this replaces the whole state). Once on the prompt's rows of guidance only (as Steer's
-  default ``cond_only``), once on both rows;
+  default ``cond_only``), once on both rows. ``--held`` chooses what B's state is: ``same`` (B generated from the
+  same seed: the most a site can carry), ``other`` (B generated from another seed: a real target state that
+  does not know this sample's noise), ``mean`` (B's mean state at each step and position over four other
+  seeds: what a steer built from class statistics aims at);
 * the judge is the steering lab's (class, and whether the picture is clean).
 """
 from __future__ import annotations
@@ -33,9 +39,17 @@ SITES = {"organism-flux": ("double_blocks.0:text", "double_blocks.1:text", "doub
                            "output_blocks.3:residual")}
 
 
-def _pairs(seeds: int) -> tuple[list[str], list[str], list[int], torch.Tensor, torch.Tensor]:
-    a = [c for c in range(10) for _ in range(seeds)]
-    b = [(c + 3) % 10 for c in a]
+HELD = ("same", "other", "mean")
+OTHER_SEED = 500
+"""``other``: B is generated from seed + this."""
+MEAN_SEEDS = (100, 101, 102, 103)
+"""``mean``: B's state averaged over these seeds (never the evaluated 1000+)."""
+
+
+def _pairs(seeds: int, domain: str) -> tuple[list[str], list[str], list[int], torch.Tensor, torch.Tensor]:
+    first = 0 if domain == "digits" else 10
+    a = [first + c for c in range(10) for _ in range(seeds)]
+    b = [first + (c - first + 3) % 10 for c in a]
     seed_list = [1000 + s for _ in range(10) for s in range(seeds)]
     return [class_prompt(c) for c in a], [class_prompt(c) for c in b], seed_list, torch.tensor(a), torch.tensor(b)
 
@@ -66,18 +80,15 @@ def input_swap(runner, judge, prompts_a, prompts_b, seeds, a, b) -> None:
         _report(f"input swap: B's {part}", judge, images, a, b)
 
 
-def oracle(runner, judge, site_name: str, prompts_a, prompts_b, seeds, a, b, cond_only: bool) -> None:
+def oracle(runner, judge, site_name: str, prompts_a, prompts_b, seeds, a, b, cond_only: bool,
+           held_from: str = "same") -> None:
     site = runner.site(site_name)
-    held: list[torch.Tensor] = []
 
     def rows_of(h, ctx) -> torch.Tensor:
         return (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
 
-    def record(h, ctx):
-        held.append(h[rows_of(h, ctx)].clone())
-        return h
+    held = _held_states(runner, site, prompts_b, seeds, b, held_from, rows_of)
 
-    runner.generate(prompts_b, seeds, site_functions={site: record})
     calls = [0]
 
     def replace(h, ctx):
@@ -88,23 +99,50 @@ def oracle(runner, judge, site_name: str, prompts_a, prompts_b, seeds, a, b, con
 
     images = runner.generate(prompts_a, seeds, site_functions={site: replace})
     rows = "cond rows" if cond_only else "both rows"
-    _report(f"oracle: B's state at {site_name}, {rows}", judge, images, a, b)
+    _report(f"oracle ({held_from}): B's state at {site_name}, {rows}", judge, images, a, b)
+
+
+def _held_states(runner, site, prompts_b, seeds, b, held_from: str, rows_of) -> list[torch.Tensor]:
+    """B's states at the site on ``rows_of`` rows, one tensor per model call (step); ``mean`` on the prompt rows."""
+    held: list[torch.Tensor] = []
+
+    def record(h, ctx):
+        held.append(h[rows_of(h, ctx) if held_from != "mean" else prompt_rows(ctx, h.shape[0]).to(h.device)].clone())
+        return h
+
+    if held_from == "same":
+        runner.generate(prompts_b, seeds, site_functions={site: record})
+        return held
+    if held_from == "other":
+        runner.generate(prompts_b, [s + OTHER_SEED for s in seeds], site_functions={site: record})
+        return held
+    classes = sorted(set(b.tolist()))
+    runner.generate([class_prompt(c) for c in classes for _ in MEAN_SEEDS], list(MEAN_SEEDS) * len(classes),
+                    site_functions={site: record})
+    owner = torch.tensor([c for c in classes for _ in MEAN_SEEDS])
+    means = [{c: state[owner == c].mean(0) for c in classes} for state in held]
+    return [torch.stack([step[int(c)] for c in b]) for step in means]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="organism-flux", choices=sorted(SITES))
-    parser.add_argument("--seeds", type=int, default=4, help="seeds per digit")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per class")
+    parser.add_argument("--domain", default="digits", choices=["digits", "animals"])
+    parser.add_argument("--held", nargs="+", default=["same"], choices=HELD, help="what B's state is (see above)")
+    parser.add_argument("--sites", nargs="+", default=None, help="default: the model's four sites above")
+    parser.add_argument("--prompt-rows-only", action="store_true", help="skip the both-rows oracles")
     args = parser.parse_args()
     runner = load_runner(args.model)
     judge = OrganismJudge.fit(load_classifier())
-    prompts_a, prompts_b, seeds, a, b = _pairs(args.seeds)
+    prompts_a, prompts_b, seeds, a, b = _pairs(args.seeds, args.domain)
     _report("unsteered A", judge, runner.generate(prompts_a, seeds), a, b)
-    if args.model == "organism-flux":
+    if args.model == "organism-flux" and args.held == ["same"]:
         input_swap(runner, judge, prompts_a, prompts_b, seeds, a, b)
-    for site in SITES[args.model]:
-        for cond_only in (True, False):
-            oracle(runner, judge, site, prompts_a, prompts_b, seeds, a, b, cond_only)
+    for held_from in args.held:
+        for site in args.sites or SITES[args.model]:
+            for cond_only in (True,) if args.prompt_rows_only or held_from == "mean" else (True, False):
+                oracle(runner, judge, site, prompts_a, prompts_b, seeds, a, b, cond_only, held_from)
 
 
 if __name__ == "__main__":

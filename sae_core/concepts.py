@@ -324,16 +324,9 @@ class SpatialConcept:
     weights: Tensor
 
     def __post_init__(self) -> None:
-        features, weights = torch.as_tensor(self.features), torch.as_tensor(self.weights)
-        if features.ndim != 2 or features.shape != weights.shape or features.numel() == 0:
-            raise SteerError(f"a spatial concept needs (tokens, n) features and weights of one shape, got "
-                             f"{tuple(features.shape)} and {tuple(weights.shape)}")
-        if features.dtype.is_floating_point or bool((features < 0).any()):
-            raise SteerError("spatial concept features are non-negative integer feature ids")
-        if not bool(torch.isfinite(weights).all()):
-            raise SteerError("spatial concept weights must be finite numbers")
-        object.__setattr__(self, "features", features.long().clone())
-        object.__setattr__(self, "weights", weights.float().clone())
+        features, weights = _feature_table(self.features, self.weights, "spatial", "(tokens, n)", "weights")
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "weights", weights)
 
     @property
     def tokens(self) -> int:
@@ -346,6 +339,19 @@ class SpatialConcept:
         directions = torch.zeros(dictionary.n_latents, dictionary.d_in, dtype=torch.float64)
         directions[ids] = feature_directions(dictionary, ids).double()
         return torch.einsum("pn,pnd->pd", self.weights.double(), directions[self.features]).float()
+
+
+def _feature_table(features: Any, values: Any, kind: str, shape: str, name: str) -> tuple[Tensor, Tensor]:
+    """Checked copies of a per-position concept's feature ids (int64) and their values (float32), both ``shape``."""
+    features, values = torch.as_tensor(features), torch.as_tensor(values)
+    if features.ndim != shape.count(",") + 1 or features.shape != values.shape or features.numel() == 0:
+        raise SteerError(f"a {kind} concept needs {shape} features and {name} of one shape, got "
+                         f"{tuple(features.shape)} and {tuple(values.shape)}")
+    if features.dtype.is_floating_point or bool((features < 0).any()):
+        raise SteerError(f"{kind} concept features are non-negative integer feature ids")
+    if not bool(torch.isfinite(values).all()):
+        raise SteerError(f"{kind} concept {name} must be finite numbers")
+    return features.long().clone(), values.float().clone()
 
 
 def spatial_concept_from_codes(positive: Tensor, negative: Tensor, top_n: int) -> SpatialConcept:
@@ -405,21 +411,14 @@ class ScheduledConcept:
     progress: Tensor
 
     def __post_init__(self) -> None:
-        features, targets = torch.as_tensor(self.features), torch.as_tensor(self.targets)
+        features, targets = _feature_table(self.features, self.targets, "scheduled", "(steps, tokens, n)", "targets")
         progress = torch.as_tensor(self.progress).reshape(-1)
-        if features.ndim != 3 or features.shape != targets.shape or features.numel() == 0:
-            raise SteerError(f"a scheduled concept needs (steps, tokens, n) features and targets of one shape, got "
-                             f"{tuple(features.shape)} and {tuple(targets.shape)}")
-        if features.dtype.is_floating_point or bool((features < 0).any()):
-            raise SteerError("scheduled concept features are non-negative integer feature ids")
-        if not bool(torch.isfinite(targets).all()):
-            raise SteerError("scheduled concept targets must be finite numbers")
         if progress.numel() != features.shape[0] or not bool(torch.isfinite(progress).all()) \
                 or bool((progress < 0).any() | (progress > 1).any()) or bool((progress.diff() <= 0).any()):
             raise SteerError(f"a scheduled concept needs one progress point in [0, 1] per step, increasing; got "
                              f"{progress.tolist()} for {features.shape[0]} step(s)")
-        object.__setattr__(self, "features", features.long().clone())
-        object.__setattr__(self, "targets", targets.float().clone())
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "targets", targets)
         object.__setattr__(self, "progress", progress.double().clone())
 
     @property

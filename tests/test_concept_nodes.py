@@ -96,6 +96,15 @@ def sweep_node(**inputs) -> dict:
         "strengths": "0, 0.5", "windows": "0-1, 0.5-1", "cond_only": True, **inputs}}
 
 
+def unsteered_sample(seed: int, label: str) -> dict:
+    """Nodes 5-7 of an organism graph: KSampler on the unsteered model, decoded, kept under ``label``."""
+    return {"5": {"class_type": "KSampler", "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+                "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": keep(["6", 0], label)}
+
+
 def keep(images: list, label: str) -> dict:
     return {"class_type": "SAETestConceptKeep", "inputs": {"images": images, "label": label}}
 
@@ -107,12 +116,7 @@ def feature_lines(text: str) -> list[tuple[int, float, str]]:
 
 
 def test_steer_by_concept_from_prompts_steers_a_clone_and_labels_its_features(comfy, index):
-    plain = organism()
-    plain["5"] = {"class_type": "KSampler", "inputs": {
-        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 5,
-        "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    plain["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
-    plain["7"] = keep(["6", 0], "plain")
+    plain = {**organism(), **unsteered_sample(seed=5, label="plain")}
     comfy.execute_graph(plain)
     graph = organism()
     graph["10"] = concept_node()
@@ -197,11 +201,7 @@ def test_a_word_the_index_does_not_know_is_one_clear_line(comfy, positive, messa
 
 def test_steer_sweep_grid_holds_every_cell_and_zero_strength_is_the_unsteered_sample(comfy, concept_nodes):
     graph = organism()
-    graph["5"] = {"class_type": "KSampler", "inputs": {
-        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
-        "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    graph["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
-    graph["7"] = keep(["6", 0], "unsteered")
+    graph.update(unsteered_sample(seed=3, label="unsteered"))
     graph["8"] = {"class_type": "SAELoadDictionary", "inputs": {"dictionary": DICTIONARY, "hub_id": ""}}
     graph["9"] = sweep_node(dictionary=["8", 0])
     graph["10"] = keep(["9", 0], "grid")
@@ -256,11 +256,7 @@ def test_steer_sweep_refuses_bad_strengths_and_windows_before_sampling(comfy, mo
 
 def test_a_clamp_concept_is_measured_per_step_and_position_and_steers_a_clone_and_the_sweep(comfy):
     graph = organism()
-    graph["5"] = {"class_type": "KSampler", "inputs": {
-        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
-        "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    graph["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
-    graph["7"] = keep(["6", 0], "unsteered")
+    graph.update(unsteered_sample(seed=3, label="unsteered"))
     graph["10"] = concept_node(mode="clamp")
     graph["11"] = {"class_type": "SAETestSampleSteeredThenOriginal", "inputs": {
         "steered": ["10", 0], "original": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent": ["4", 0]}}
