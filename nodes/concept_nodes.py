@@ -141,8 +141,10 @@ class SAESteerByConcept(io.ComfyNode):
             description=("Builds a concept made of dictionary features and steers with it: from prompts, the "
                          "features whose mean activation differs most between the positive and the negative "
                          "prompts (each prompt is sampled once to measure them); from a word, the features the "
-                         "dictionary's feature index associates with it. Adds the concept, or replaces the "
-                         "negative concept by the positive one where the negative one is detected. Lists the "
+                         "dictionary's feature index associates with it. Adds the concept, replaces the "
+                         "negative concept by the positive one where the negative one is detected, or clamps: at "
+                         "every sampling step and image position, sets the features that differ most there to the "
+                         "positive prompts' values (measured at this latent size and these steps). Lists the "
                          "features with their labels and shows their strongest images."),
             inputs=[
                 io.Model.Input("model", tooltip="the model to steer (a patched clone is returned)"),
@@ -330,8 +332,8 @@ def concepts_from_prompts(model, clip, sae: Dictionary, site: str, positive: lis
 def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: list[str], negative: list[str],
                            top_n: int, sampling: Sampling) -> tuple[Concept, ScheduledConcept, str]:
     """``(summary, scheduled, site)``: sample every prompt once, reading the codes at every step and position; the
-    clamp concept per step and position, and a summary concept (the difference of the mean codes over everything,
-    top_n) to list."""
+    clamp concept per step and position, and a summary concept to list (the difference of the mean codes over
+    every step and position, at most :data:`DEFAULT_TOP_N` features: a clamp keeps more per position)."""
     import comfy.model_management
     import comfy.utils
 
@@ -347,7 +349,8 @@ def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: li
     scheduled = scheduled_concept_from_meters(meters["positive"], meters["negative"], top_n)
     overall = [torch.stack([meter.step_mean(p).mean(0) for p in meter.progress(what)]).mean(0)
                for what, meter in meters.items()]
-    return concept_from_codes(overall[0], overall[1], top_n, dictionary=sae), scheduled, where.name
+    shown = min(top_n, DEFAULT_TOP_N)
+    return concept_from_codes(overall[0], overall[1], shown, dictionary=sae), scheduled, where.name
 
 
 def concepts_from_words(index: Optional[FeatureIndex], dictionary: str, positive: str, negative: str, top_n: int,
@@ -400,7 +403,8 @@ def describe_concept(concept: ConceptSteering, index: Optional[FeatureIndex], di
     if concept.scheduled is not None:
         plan = concept.scheduled
         parts = [(f"clamps, at each of {plan.steps} steps x {plan.tokens} positions, its {plan.features.shape[2]} "
-                  "features that differ most there to the positive prompts' values; over all, the strongest are",
+                  "features that differ most there to the positive prompts' values; over all steps and positions "
+                  "the strongest are",
                   concept.target)]
     else:
         parts = [("adds" if concept.mode == "add" else "adds, where the negative concept fires,", concept.target)]

@@ -29,6 +29,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 DICTIONARY = "organism_flux_db1_image.safetensors"
 STEER_WORKFLOW = "organism_flux_steer"
 CONCEPT_WORKFLOW = "organism_steer_by_concept"
+CLAMP_WORKFLOW = "organism_unet_steer_by_clamp"
 TIMEOUT_MS = 60_000
 SWEEP_TIMEOUT_S = 240
 """The sweep samples 8 cells: seconds on an idle CPU, but the server's two threads slow ten-fold on a busy one."""
@@ -165,15 +166,19 @@ def test_a_feature_found_in_the_sidebar_goes_into_steer_and_the_workflow_samples
     assert not page.errors, page.errors
 
 
-def test_the_steer_by_concept_template_queues_and_shows_the_concept_and_the_sweep_grid(server, page):
+@pytest.mark.parametrize("name, told, shot", [
+    (CONCEPT_WORKFLOW, "seven", "steer_by_concept_node.png"),  # the concept's features, named by their words
+    (CLAMP_WORKFLOW, "clamps, at each of 20 steps x 256 positions", "steer_by_clamp_node.png"),
+])
+def test_the_steer_by_concept_templates_queue_and_show_the_concept_and_the_sweep_grid(server, page, name, told, shot):
     url, _ = server
-    workflow = template(url, CONCEPT_WORKFLOW)
+    workflow = template(url, name)
     page.evaluate("async (wf) => await app.loadGraphData(wf)", workflow)
     ids = {node["type"]: str(node["id"]) for node in workflow["nodes"]}
     entry = _queue(page, url, timeout_s=SWEEP_TIMEOUT_S)
     assert entry["status"]["status_str"] == "success", entry["status"]
     outputs = entry["outputs"]
-    assert "seven" in outputs[ids["SAESteerByConcept"]]["text"][0]  # the concept's features, named by their words
+    assert told in outputs[ids["SAESteerByConcept"]]["text"][0]
     assert outputs[ids["SAESteerByConcept"]]["images"]  # their strongest pictures
     assert len(outputs[ids["PreviewImage"]]["images"]) == 1  # the sweep's grid, one picture
     shown = """(ids) => ids.every((id) => {  // the pictures arrived in the page and are drawn on their nodes
@@ -193,7 +198,7 @@ def test_the_steer_by_concept_template_queues_and_shows_the_concept_and_the_swee
         app.graph.setDirtyCanvas(true, true);
     }""", ids["PreviewImage"])
     page.wait_for_timeout(300)
-    screenshot(page, "steer_by_concept_node.png")
+    screenshot(page, shot)
     page.set_viewport_size({"width": 1600, "height": 1000})
     assert not page.errors, page.errors
 
