@@ -139,7 +139,25 @@ def test_the_lab_command_writes_its_table_json_and_pictures(tmp_path: Path, caps
     assert "[sweep] concept" in printed and "[final] diff_of_means" in printed
 
 
+def test_the_lab_steers_groups_of_sites_with_the_per_step_methods_and_reports_each_domain(tmp_path: Path):
+    out = tmp_path / "lab"
+    code = main(["steer-lab", "--quick", "--sites", "double_blocks.0:text", "double_blocks.1:text", "--groups",
+                 "double_blocks.0:text+double_blocks.1:text", "--methods", "concept:clamp", "diff_of_means:spatial",
+                 "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "lab.json").read_text())
+    swept = {(row["method"], "+".join(row["sites"])) for row in summary["sweep"]}
+    assert ("concept:clamp", "double_blocks.0:text+double_blocks.1:text") in swept and len(swept) == 6
+    clamp, spatial = summary["final"]
+    assert clamp["top_n"] == 32 and clamp["chosen"]
+    assert all(text.startswith("top 32 features clamped at each of") for text in clamp["chosen"].values())
+    assert set(spatial["controls"]) == {"random direction"}
+    assert set(clamp["domains"]) == {"digits"}  # --quick steers toward the first two targets: zero and two
+    assert sum(d["samples"] for d in clamp["domains"].values()) == clamp["outcome"]["samples"]
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--groups", "double_blocks.0:text+nowhere"], "--groups: each group is two or more of the lab's sites"),
     (["--methods", "telepathy"], "argument --methods: invalid choice"),
     (["--eval-seeds", "0"], "--eval-seeds"),
     (["--sites", "no_block.7:image"], "no_block.7:image"),

@@ -660,8 +660,8 @@ def measure(ctx: Context, judge: Judge, method: str, sites: Sequence[Site], kind
         alive = {site: (ctx.profiles[site].code_means[kind].sum(0) > 0).nonzero().flatten() for site in sites}
         for name, make in (("random features", lambda r: random_features_control(r, rng, alive)),
                            ("random direction", lambda r: random_direction_control(r, rng))):
-            if method == "diff_of_means" and name == "random features":
-                continue
+            if method.startswith("diff_of_means") and name == "random features":
+                continue  # a plain vector has no features to draw
             rates = []
             for _ in range(controls):
                 draw = Outcome()
