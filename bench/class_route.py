@@ -16,7 +16,8 @@ Measurements on digit (or animal) prompts (each class -> the class three places 
   default ``cond_only``), once on both rows. ``--held`` chooses what B's state is: ``same`` (B generated from the
   same seed: the most a site can carry), ``other`` (B generated from another seed: a real target state that
   does not know this sample's noise), ``mean`` (B's mean state at each step and position over four other
-  seeds: what a steer built from class statistics aims at);
+  seeds: what a steer built from class statistics aims at), ``nearest`` (at each step, the state of whichever of
+  16 other-seed B samples is closest to the sample's own state there: a target that follows the sample);
 * the judge is the steering lab's (class, and whether the picture is clean).
 """
 from __future__ import annotations
@@ -39,11 +40,14 @@ SITES = {"organism-flux": ("double_blocks.0:text", "double_blocks.1:text", "doub
                            "output_blocks.3:residual")}
 
 
-HELD = ("same", "other", "mean")
+HELD = ("same", "other", "mean", "nearest")
 OTHER_SEED = 500
 """``other``: B is generated from seed + this."""
 MEAN_SEEDS = (100, 101, 102, 103)
 """``mean``: B's state averaged over these seeds (never the evaluated 1000+)."""
+NEAREST_SEEDS = tuple(range(100, 116))
+"""``nearest``: at each step, the one of B's samples from these seeds whose state there is closest to the
+sample's own (a target that follows the sample, chosen without its seed)."""
 
 
 def _pairs(seeds: int, domain: str) -> tuple[list[str], list[str], list[int], torch.Tensor, torch.Tensor]:
@@ -88,12 +92,15 @@ def oracle(runner, judge, site_name: str, prompts_a, prompts_b, seeds, a, b, con
         return (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
 
     held = _held_states(runner, site, prompts_b, seeds, b, held_from, rows_of)
+    if held_from == "nearest":
+        held = _nearest(held, b)
 
     calls = [0]
 
     def replace(h, ctx):
         out = h.clone()
-        out[rows_of(h, ctx)] = held[calls[0]].to(h.dtype)
+        state = held[calls[0]]
+        out[rows_of(h, ctx)] = (state(h[rows_of(h, ctx)]) if callable(state) else state).to(h.dtype)
         calls[0] += 1
         return out
 
@@ -117,11 +124,33 @@ def _held_states(runner, site, prompts_b, seeds, b, held_from: str, rows_of) -> 
         runner.generate(prompts_b, [s + OTHER_SEED for s in seeds], site_functions={site: record})
         return held
     classes = sorted(set(b.tolist()))
+    if held_from == "nearest":
+        runner.generate([class_prompt(c) for c in classes for _ in NEAREST_SEEDS],
+                        list(NEAREST_SEEDS) * len(classes), site_functions={site: record})
+        return held
     runner.generate([class_prompt(c) for c in classes for _ in MEAN_SEEDS], list(MEAN_SEEDS) * len(classes),
                     site_functions={site: record})
     owner = torch.tensor([c for c in classes for _ in MEAN_SEEDS])
     means = [{c: state[owner == c].mean(0) for c in classes} for state in held]
     return [torch.stack([step[int(c)] for c in b]) for step in means]
+
+
+def _nearest(held: list[torch.Tensor], b: torch.Tensor) -> list:
+    """Per step, a function choosing for each sample row the closest of its target class's recorded states."""
+    classes = sorted(set(b.tolist()))
+    owner = torch.tensor([c for c in classes for _ in NEAREST_SEEDS])
+
+    def chooser(states: torch.Tensor):
+        def choose(rows: torch.Tensor) -> torch.Tensor:
+            picked = []
+            for row, target in zip(rows, b.tolist()):
+                candidates = states[owner == target]
+                picked.append(candidates[((candidates - row) ** 2).flatten(1).sum(1).argmin()])
+            return torch.stack(picked)
+
+        return choose
+
+    return [chooser(states) for states in held]
 
 
 def main() -> None:
@@ -141,7 +170,7 @@ def main() -> None:
         input_swap(runner, judge, prompts_a, prompts_b, seeds, a, b)
     for held_from in args.held:
         for site in args.sites or SITES[args.model]:
-            for cond_only in (True,) if args.prompt_rows_only or held_from == "mean" else (True, False):
+            for cond_only in (True,) if args.prompt_rows_only or held_from in ("mean", "nearest") else (True, False):
                 oracle(runner, judge, site, prompts_a, prompts_b, seeds, a, b, cond_only, held_from)
 
 
