@@ -469,8 +469,8 @@ class SAESteerSweep(io.ComfyNode):
                 io.Combo.Input("units", options=list(UNITS),
                                tooltip="for the features: what strength 1 means, as in Steer"),
                 io.String.Input("strengths", default="0, 0.05, 0.1, 0.2",
-                                tooltip="the columns: comma-separated strengths (with a concept: its multiplier; "
-                                        "ablate and swap: fractions 0..1)"),
+                                tooltip="the columns: comma-separated strengths (with a concept: its multiplier, a "
+                                        "clamp concept's fraction 0..1 of the way; ablate and swap: fractions 0..1)"),
                 io.String.Input("windows", default="0-1, 0-0.3, 0.3-1",
                                 tooltip="the rows: comma-separated parts of sampling start-end (0 = first step, "
                                         "1 = last), e.g. 0-0.3"),
