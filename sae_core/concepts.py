@@ -60,7 +60,7 @@ from torch import Tensor
 from .dictionary import Dictionary
 from .errors import DictionaryError, ScheduleError, SteerError
 from .sites.context import SiteContext, SiteFunction, prompt_rows
-from .steering import Steer, checked_mask, feature_directions, mask_to_tokens
+from .steering import Steer, checked_mask, feature_directions, mask_per_token, require_grid
 from .timesteps import Window, in_window, validate_window
 
 SIGNS = ("both", "positive")
@@ -487,7 +487,8 @@ def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, stre
         current = _activations_of(dictionary, h.index_select(0, rows), features)
         change = s * (concept.targets[step].to(h.device) - current)  # (rows, tokens, n)
         if weights is not None:
-            change = change * _token_mask(weights, ctx, concept.tokens).to(h.device)[None, :, None]
+            require_grid(ctx)
+            change = change * mask_per_token(weights, ctx.grid, ctx.frames, concept.tokens).to(h.device)[None, :, None]
         added = torch.zeros(len(rows), concept.tokens, dictionary.d_in, device=h.device)
         table = directions.to(h.device)
         for j in range(features.shape[1]):
@@ -495,16 +496,6 @@ def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, stre
         return h.index_add(0, rows, added.to(h.dtype))
 
     return steer_site
-
-
-def _token_mask(mask: Tensor, ctx: SiteContext, tokens: int) -> Tensor:
-    if ctx.grid is None:
-        raise SteerError("a steering mask needs image tokens, but this site's tokens have no grid (text tokens): "
-                         "remove the mask or steer an image stream")
-    if ctx.frames * ctx.grid[0] * ctx.grid[1] != tokens:
-        raise SteerError(f"the token grid {ctx.frames}x{ctx.grid[0]}x{ctx.grid[1]} does not match the site's {tokens} "
-                         "tokens; the model adapter reported a wrong grid")
-    return mask_to_tokens(mask, ctx.grid).repeat(ctx.frames)
 
 
 def _activations_of(dictionary: Dictionary, h: Tensor, features: Tensor) -> Tensor:

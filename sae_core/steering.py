@@ -481,6 +481,22 @@ def mask_to_tokens(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     return resized.reshape(rows * cols).clamp(0.0, 1.0)
 
 
+def require_grid(ctx: SiteContext) -> None:
+    """SteerError unless the site's tokens lie on an image grid (what a mask is resized to)."""
+    if ctx.grid is None:
+        raise SteerError("a steering mask needs image tokens, but this site's tokens have no grid (text tokens): "
+                         "remove the mask or steer an image stream")
+
+
+def mask_per_token(mask: Tensor, grid: tuple[int, int], frames: int, tokens: int) -> Tensor:
+    """The mask's weight on each of the site's ``tokens``: a video's tokens are ``frames`` grids one after
+    another, each masked alike; SteerError when the grid does not cover the tokens."""
+    if frames * grid[0] * grid[1] != tokens:
+        raise SteerError(f"the token grid {frames}x{grid[0]}x{grid[1]} does not match the site's {tokens} tokens; "
+                         "the model adapter reported a wrong grid")
+    return mask_to_tokens(mask, grid).repeat(frames)
+
+
 class _Plan:
     """A validated steer bound to a dictionary, with its directions computed once."""
 
@@ -503,11 +519,8 @@ class _Plan:
         """``entry``: the activations as they entered the site function; ``detections``: this call's detected
         tokens per (detect set, rows), shared by the steers of one function."""
         steer = self.steer
-        if steer.mask is not None and ctx.grid is None:
-            raise SteerError(
-                "a steering mask needs image tokens, but this site's tokens have no grid (text tokens): "
-                "remove the mask or steer an image stream"
-            )
+        if steer.mask is not None:
+            require_grid(ctx)
         if steer.is_inert or not in_window(ctx, steer.window, steer.sigma_range):
             return h
         rows = _row_weights(ctx.cond, h.shape[0], steer)
@@ -583,12 +596,7 @@ class _Plan:
         """The mask per token; a video's tokens are ``frames`` grids one after another, each masked alike."""
         key = (tuple(grid), frames, h.device)
         if key not in self._mask_cache:
-            if frames * grid[0] * grid[1] != h.shape[1]:
-                raise SteerError(
-                    f"the token grid {frames}x{grid[0]}x{grid[1]} does not match the site's {h.shape[1]} tokens; "
-                    "the model adapter reported a wrong grid"
-                )
-            self._mask_cache[key] = mask_to_tokens(self.steer.mask, grid).repeat(frames).to(h.device)
+            self._mask_cache[key] = mask_per_token(self.steer.mask, grid, frames, h.shape[1]).to(h.device)
         return self._mask_cache[key]
 
 
