@@ -30,17 +30,24 @@ from .common import (CATEGORY, DICTIONARY, check_choices, mask_2d, parse_feature
 from .image_capture_nodes import check_conditioning, model_latent_channels
 from .index_nodes import dictionary_path_or_error, encode
 
-DEFAULT_TOP_N = 8
-"""Features a concept keeps."""
-DEFAULT_STRENGTH = 8.0
-"""The concept's multiplier: 1 adds the measured mean code difference of its features (raw activation units).
-8 in the first half of sampling was the concept recipe that flipped most classes cleanly in the steering lab
-(Flux organism: 0.23 of samples to the target, 0.71 clean; it kept 0.84-0.91 of the U-Net organism's pictures
-clean at every site; BENCHMARKS.md); over the whole of sampling the same strength loses the picture."""
+DEFAULT_MODE = "clamp"
+"""How a concept steers by default. Clamping per step and position flipped the most classes cleanly of what a node
+at one site can do, on both organisms (steering lab, trial seed: Flux double_blocks.0:text 0.47 of samples,
+U-Net output_blocks.2 0.51, against 0.12 and 0.07 for adding a global concept; BENCHMARKS.md)."""
+DEFAULT_TOP_N = 32
+"""Features a concept keeps (per step and position for a clamp: 0.42 clean flips with 32 against 0.17 with 8 on
+the U-Net organism). An added concept did best with 8."""
+SHOWN_FEATURES = 8
+"""A clamp concept's summary lists at most this many features (it keeps top_n per position)."""
+DEFAULT_STRENGTH = 1.0
+"""A clamp's fraction of the way to the positive prompts' values: 1 clamps. For an added concept strength is a
+multiplier of the measured mean code difference, and 8 in the first half of sampling worked best there (Flux
+organism: 0.23 of samples to the target, 0.71 clean; BENCHMARKS.md)."""
 DEFAULT_WINDOW = (0.0, 0.5)
 """The part of sampling (0 = first step, 1 = last) a concept steers by default: the first half, where the layout
-and the class are decided; the lab's strong steers kept their pictures clean there and lost them when they also
-acted on the last steps."""
+and the class are decided. It keeps pictures clean where steering the last steps too loses them (the clamp at
+the U-Net organism's shipped site: 0.43 clean flips at 0.77 clean in steps 0-0.5, 0.50 at 0.50 over all steps);
+on the Flux organism's text stream all steps flip more at the same cleanness (0.47 vs 0.34), so widen it there."""
 SOURCES = ("prompts", "words")
 CONCEPT_MODES = ("add", "replace", "clamp")
 MAX_CELLS = 64
@@ -168,16 +175,16 @@ class SAESteerByConcept(io.ComfyNode):
                 io.Int.Input("top_n", default=DEFAULT_TOP_N, min=1, max=4096,
                              tooltip="how many features the concept keeps, strongest first"),
                 io.Float.Input("strength", default=DEFAULT_STRENGTH, min=-100.0, max=100.0, step=0.05,
-                               tooltip="the concept's multiplier: 1 adds the measured activation difference of its "
-                                       "features; replace: also the fraction 0..1 of the negative concept removed; "
-                                       "clamp: the fraction 0..1 of the way to the positive prompts' values "
-                                       "(1 clamps)"),
-                io.Combo.Input("mode", options=list(CONCEPT_MODES),
+                               tooltip="clamp: the fraction 0..1 of the way to the positive prompts' values (1 "
+                                       "clamps); add and replace: the concept's multiplier, 1 adding the measured "
+                                       "activation difference of its features (8 with top_n 8 worked best); "
+                                       "replace: also the fraction 0..1 of the negative concept removed"),
+                io.Combo.Input("mode", options=list(CONCEPT_MODES), default=DEFAULT_MODE,
                                tooltip="add: add the concept everywhere; replace: on the tokens where the negative "
-                                       "concept fires, remove it and add the positive one; clamp: at every step and "
-                                       "image position, set the top_n features that differ most there to the "
-                                       "positive prompts' values (source prompts; sample at the measured size; "
-                                       "top_n 32 works well)"),
+                                       "concept fires, remove it and add the positive one; clamp (the measured best): "
+                                       "at every step and image position, set the top_n features that differ most "
+                                       "there to the positive prompts' values (source prompts; sample at the "
+                                       "measured size)"),
                 *window_inputs(*DEFAULT_WINDOW, "steer"),
                 io.Boolean.Input("cond_only", default=True,
                                  tooltip="steer only the positive prompt's half of CFG (off: both halves)"),
@@ -333,7 +340,7 @@ def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: li
                            top_n: int, sampling: Sampling) -> tuple[Concept, ScheduledConcept, str]:
     """``(summary, scheduled, site)``: sample every prompt once, reading the codes at every step and position; the
     clamp concept per step and position, and a summary concept to list (the difference of the mean codes over
-    every step and position, at most :data:`DEFAULT_TOP_N` features: a clamp keeps more per position)."""
+    every step and position, at most :data:`SHOWN_FEATURES` features: a clamp keeps more per position)."""
     import comfy.model_management
     import comfy.utils
 
@@ -349,7 +356,7 @@ def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: li
     scheduled = scheduled_concept_from_meters(meters["positive"], meters["negative"], top_n)
     overall = [torch.stack([meter.step_mean(p).mean(0) for p in meter.progress(what)]).mean(0)
                for what, meter in meters.items()]
-    shown = min(top_n, DEFAULT_TOP_N)
+    shown = min(top_n, SHOWN_FEATURES)
     return concept_from_codes(overall[0], overall[1], shown, dictionary=sae), scheduled, where.name
 
 
