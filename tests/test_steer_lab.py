@@ -156,6 +156,19 @@ def test_the_lab_steers_groups_of_sites_with_the_per_step_methods_and_reports_ea
     assert sum(d["samples"] for d in clamp["domains"].values()) == clamp["outcome"]["samples"]
 
 
+def test_every_other_dictionary_kind_repeats_the_best_concept_method(tmp_path: Path):
+    out = tmp_path / "lab"
+    code = main(["steer-lab", "--quick", "--sites", "double_blocks.0:text", "--methods", "concept:clamp",
+                 "--kinds", "topk", "batchtopk", "--out", str(out)])
+    assert code == 0
+    final = json.loads((out / "lab.json").read_text())["final"]
+    assert [(row["method"], row["kind"]) for row in final] == [("concept:clamp", "topk"), ("concept:clamp", "batchtopk")]
+    topk, batchtopk = final
+    assert (batchtopk["strength"], batchtopk["window"], batchtopk["top_n"]) == (topk["strength"], topk["window"],
+                                                                                topk["top_n"])
+    assert set(batchtopk["controls"]) == {"random features", "random direction"}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--groups", "double_blocks.0:text+nowhere"], "--groups: each group is two or more of the lab's sites"),
     (["--methods", "telepathy"], "argument --methods: invalid choice"),

@@ -657,8 +657,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     lab.add_argument("--sites", type=TEXT, nargs="+", default=None, help="default: the lab's sites for the model")
     lab.add_argument("--methods", nargs="+", default=list(LAB_METHODS), choices=list(LAB_METHODS))
     lab.add_argument("--kinds", nargs="+", default=["topk"], choices=["topk", "batchtopk", "matryoshka_batchtopk", "itda"],
-                     help="dictionary kinds: topk (always) steers every method; each other kind repeats the concept "
-                          "method's best setting")
+                     help="dictionary kinds: topk (always) steers every method; each other kind repeats the best "
+                          "concept method (concept, concept:spatial or concept:clamp) at its setting")
     lab.add_argument("--targets", default="half", choices=["half", "all"],
                      help="all 20 classes, or a fixed random half drawn by --seed (never hand-picked)")
     lab.add_argument("--strengths", type=FINITE, nargs="+", default=None, help="override every method's sweep")

@@ -799,19 +799,22 @@ def run_lab(plan: LabPlan, runner: Runner, say: Callable[[str], None] = print) -
     return summary
 
 
+KIND_METHODS = ("concept", "concept:spatial", "concept:clamp")
+"""The concept methods; the best of them (clean flips) is repeated with every other dictionary kind."""
+
+
 def _kind_rows(ctx: Context, judge: Judge, plan: LabPlan, final: list[Row], runner: Runner,
                say: Callable[[str], None]) -> list[Row]:
-    """The concept method's best setting with every other dictionary kind at the same site."""
-    best = next((r for r in final if r.method == "concept"), None)
+    """The best concept method's setting with every other dictionary kind at the same sites."""
+    best = max((r for r in final if r.method in KIND_METHODS), key=lambda r: r.outcome["clean_flip"], default=None)
     rows = []
     for kind in plan.kinds:
         if best is None or kind == "topk":
             continue
-        row = measure(ctx, judge, "concept", [runner.site(name) for name in best.sites], kind, best.setting,
-                      plan.targets,
-                      plan.seeds.evaluate, controls=plan.controls, control_seed=plan.seed)
+        row = measure(ctx, judge, best.method, [runner.site(name) for name in best.sites], kind, best.setting,
+                      plan.targets, plan.seeds.evaluate, controls=plan.controls, control_seed=plan.seed)
         rows.append(row)
-        say(f"[final] concept ({kind}) {best.sites[0]} {best.setting.label()} {_rates(row.outcome)}  "
+        say(f"[final] {best.method} ({kind}) {'+'.join(best.sites)} {best.setting.label()} {_rates(row.outcome)}  "
             f"controls: {_controls(row)}")
     return rows
 
