@@ -385,13 +385,18 @@ def spatial_steer_function(dictionary: Dictionary, concept: SpatialConcept, stre
                              "was measured at")
         if s == 0 or not in_window(ctx, window):
             return h
-        rows = (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
-        if len(rows) == 0:
-            return h
-        added = (s * vectors).to(h.device, h.dtype).expand(len(rows), -1, -1)
-        return h.index_add(0, rows, added)
+        return add_per_position(h, ctx, s * vectors, cond_only)
 
     return steer_site
+
+
+def add_per_position(h: Tensor, ctx: SiteContext, vectors: Tensor, cond_only: bool = True) -> Tensor:
+    """``h`` ``(rows, tokens, d)`` with ``vectors`` ``(tokens, d)`` added token by token on the prompt's rows of
+    guidance (every row with ``cond_only=False``)."""
+    rows = (prompt_rows(ctx, h.shape[0]) if cond_only else torch.arange(h.shape[0])).to(h.device)
+    if len(rows) == 0:
+        return h
+    return h.index_add(0, rows, vectors.to(h.device, h.dtype).expand(len(rows), -1, -1))
 
 
 # ----------------------------------------------------------------------------- clamped per step and position
@@ -465,10 +470,9 @@ def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, stre
     s = _finite(strength, "strength")
     window = validate_window(window)
     weights = None if mask is None else checked_mask(mask)
-    ids = sorted(set(concept.features.flatten().tolist()))
-    _check_ids(dictionary, tuple(ids))
-    directions = torch.zeros(dictionary.n_latents, dictionary.d_in)
-    directions[ids] = feature_directions(dictionary, ids)
+    ids, slots = torch.unique(concept.features, return_inverse=True)  # the table holds only the concept's features
+    _check_ids(dictionary, tuple(ids.tolist()))
+    table = {torch.device("cpu"): feature_directions(dictionary, ids.tolist())}
 
     def steer_site(h: Tensor, ctx: SiteContext) -> Tensor:
         if h.ndim != 3 or h.shape[1] != concept.tokens or h.shape[2] != dictionary.d_in:
@@ -483,16 +487,17 @@ def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, stre
         if len(rows) == 0:
             return h
         step = concept.step_at(ctx.progress)
-        features = concept.features[step].to(h.device)
-        current = _activations_of(dictionary, h.index_select(0, rows), features)
+        current = _activations_of(dictionary, h.index_select(0, rows), concept.features[step].to(h.device))
         change = s * (concept.targets[step].to(h.device) - current)  # (rows, tokens, n)
         if weights is not None:
             require_grid(ctx)
             change = change * mask_per_token(weights, ctx.grid, ctx.frames, concept.tokens).to(h.device)[None, :, None]
+        if h.device not in table:  # moved once per device, not on every call
+            table[h.device] = table[torch.device("cpu")].to(h.device)
+        directions, slot = table[h.device], slots[step].to(h.device)
         added = torch.zeros(len(rows), concept.tokens, dictionary.d_in, device=h.device)
-        table = directions.to(h.device)
-        for j in range(features.shape[1]):
-            added += change[..., j:j + 1] * table[features[:, j]]
+        for j in range(slot.shape[1]):
+            added += change[..., j:j + 1] * directions[slot[:, j]]
         return h.index_add(0, rows, added.to(h.dtype))
 
     return steer_site

@@ -42,6 +42,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -111,7 +112,7 @@ class SiteProfile:
     step_activations: Optional[Tensor] = None
     """(classes, steps, tokens, d) float32: the mean activation at each step and position."""
 
-    @property
+    @cached_property
     def position_means(self) -> dict[str, Tensor]:
         """kind -> (classes, tokens, n_latents): the mean code at each position over every step."""
         return {kind: means.mean(1) for kind, means in self.step_means.items()}
@@ -132,12 +133,13 @@ def profile_sites(runner: Runner, dictionaries: dict[Site, dict[str, Any]], seed
                  for site, kinds in dictionaries.items()}
     counts = {site: torch.zeros(n, dtype=torch.float64) for site in dictionaries}
     step_sums: dict[Site, dict[str, Tensor]] = {site: {} for site in dictionaries}
+    step_act_sums: dict[Site, Tensor] = {}
     jobs = [(c, s) for c in range(n) for s in seeds]
     for start in tqdm(range(0, len(jobs), batch_size), desc="profile classes", unit="batch", leave=False):
         chunk = jobs[start:start + batch_size]
         owner = torch.tensor([c for c, _ in chunk])
-        recorders = {site: Recorder(stream=_accumulator(site, owner, act_sums, code_sums, step_sums, counts,
-                                                        dictionaries, steps))
+        recorders = {site: Recorder(stream=_accumulator(site, owner, act_sums, code_sums, step_sums, step_act_sums,
+                                                        counts, dictionaries, steps))
                      for site in dictionaries}
         for recorder in recorders.values():
             recorder.begin(range(len(chunk)))
@@ -145,24 +147,24 @@ def profile_sites(runner: Runner, dictionaries: dict[Site, dict[str, Any]], seed
     profiles = {}
     for site in dictionaries:
         per_class = counts[site][:, None]
-        per_step = (per_class / (steps * step_sums[site]["activations"].shape[2]))[:, :, None, None].float()
-        means = {kind: total / per_step for kind, total in step_sums[site].items()}
+        per_step = (per_class / (steps * step_act_sums[site].shape[2]))[:, :, None, None].float()
         profiles[site] = SiteProfile(act_sums[site] / per_class,
                                      {kind: total / per_class for kind, total in code_sums[site].items()},
-                                     {kind: m for kind, m in means.items() if kind != "activations"},
-                                     means["activations"])
+                                     {kind: total / per_step for kind, total in step_sums[site].items()},
+                                     step_act_sums[site] / per_step)
     return profiles
 
 
-def _accumulator(site, owner, act_sums, code_sums, step_sums, counts, dictionaries, steps) -> Callable:
+def _accumulator(site, owner, act_sums, code_sums, step_sums, step_act_sums, counts, dictionaries,
+                 steps) -> Callable:
     def accumulate(record) -> None:
         x = record.acts.double()  # (rows, tokens, d)
         rows_owner = owner[record.rows]
         tokens = x.shape[1]
-        step = int(round(record.progress * (steps - 1)))
-        if "activations" not in step_sums[site]:
-            step_sums[site]["activations"] = torch.zeros(len(CLASSES), steps, tokens, x.shape[-1])
-        step_sums[site]["activations"][:, step].index_add_(0, rows_owner, record.acts.float())
+        step = _step_index(record, steps)
+        if site not in step_act_sums:
+            step_act_sums[site] = torch.zeros(len(CLASSES), steps, tokens, x.shape[-1])
+        step_act_sums[site][:, step].index_add_(0, rows_owner, record.acts.float())
         act_sums[site].index_add_(0, rows_owner, x.sum(1))
         counts[site].index_add_(0, rows_owner, torch.full((len(rows_owner),), float(tokens), dtype=torch.float64))
         per_token = rows_owner.repeat_interleave(tokens)
@@ -355,8 +357,13 @@ class Recipe:
         return {site: _part_function(part, window) for site, part in self.parts.items()}
 
 
+def _step_index(ctx, steps: int) -> int:
+    """The step of an evenly spaced ``steps``-step schedule a call belongs to (profiles are kept per step)."""
+    return int(round(ctx.progress * (steps - 1)))
+
+
 def _part_function(part: Part, window: Optional[tuple[float, float]]) -> SiteFunction:
-    from sae_core.concepts import clamp_steer_function
+    from sae_core.concepts import add_per_position, clamp_steer_function
 
     steers = [_windowed(s, window) for s in part.steers]
     steered = steer_function(part.dictionary, steers) if steers else None
@@ -371,13 +378,9 @@ def _part_function(part: Part, window: Optional[tuple[float, float]]) -> SiteFun
         if clamped is not None:
             h = clamped(h, ctx)
         if part.step_vectors is not None and in_window(ctx, window):
-            steps = part.step_vectors.shape[0]
-            rows = prompt_rows(ctx, h.shape[0]).to(h.device)
-            step = part.step_vectors[int(round(ctx.progress * (steps - 1)))]
-            h = h.index_add(0, rows, step.to(h.device, h.dtype).expand(len(rows), -1, -1))
+            h = add_per_position(h, ctx, part.step_vectors[_step_index(ctx, part.step_vectors.shape[0])])
         if per_position is not None and in_window(ctx, window):
-            rows = prompt_rows(ctx, h.shape[0]).to(h.device)
-            h = h.index_add(0, rows, per_position.to(h.device, h.dtype).expand(len(rows), -1, -1))
+            h = add_per_position(h, ctx, per_position)
         if part.vector is not None and in_window(ctx, window):
             weights = torch.zeros(h.shape[0], h.shape[1], device=h.device)
             weights[prompt_rows(ctx, h.shape[0]).to(h.device)] = 1.0
