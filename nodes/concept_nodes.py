@@ -111,10 +111,7 @@ class _CodeMeter:
 
     def __init__(self, dictionary: Dictionary):
         self.dictionary = dictionary
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = torch.zeros(self.dictionary.n_latents, dtype=torch.float64)
+        self.total = torch.zeros(dictionary.n_latents, dtype=torch.float64)
         self.tokens = 0
 
     def __call__(self, h: Tensor, ctx: SiteContext) -> Tensor:
@@ -310,30 +307,36 @@ def negative_prompts(text: str) -> list[str]:
     return [line.strip() for line in str(text).splitlines() if line.strip()] or [""]
 
 
-def concepts_from_prompts(model, clip, sae: Dictionary, site: str, positive: list[str], negative: list[str],
-                          top_n: int, mode: str, sampling: Sampling) -> tuple[Concept, Optional[Concept], str]:
-    """``(target, source, site)``: sample every prompt once, reading the codes at every step; add mode keeps the
-    difference of the mean codes, replace mode the features each side adds over the other."""
+def sample_prompts(model, clip, sae: Dictionary, site: str, sides: dict[str, list[str]], meter_for: Any,
+                   sampling: Sampling) -> str:
+    """Sample each side's prompts once (prompt i with seed + i, the empty prompt as negative) while
+    ``meter_for(side)`` reads the site; returns the resolved site's name. One progress bar over every prompt."""
     import comfy.model_management
     import comfy.utils
 
-    meter = _CodeMeter(sae)
-    patched, where = patch_site(model, site, meter, width=sae.d_in)
     uncond = encode(clip, "")
-    bar = comfy.utils.ProgressBar(len(positive) + len(negative))
-    means = []
-    for what, prompts in (("positive", positive), ("negative", negative)):
-        meter.reset()
+    bar = comfy.utils.ProgressBar(sum(len(prompts) for prompts in sides.values()))
+    for side, prompts in sides.items():
+        patched, where = patch_site(model, site, meter_for(side), width=sae.d_in)
         for i, prompt in enumerate(prompts):
             comfy.model_management.throw_exception_if_processing_interrupted()
             replace(sampling, seed=sampling.seed + i).sample(patched, encode(clip, prompt), uncond)
             bar.update(1)
-        means.append(meter.mean(what))
-    pos, neg = means
+    return where.name
+
+
+def concepts_from_prompts(model, clip, sae: Dictionary, site: str, positive: list[str], negative: list[str],
+                          top_n: int, mode: str, sampling: Sampling) -> tuple[Concept, Optional[Concept], str]:
+    """``(target, source, site)``: sample every prompt once, reading the codes at every step; add mode keeps the
+    difference of the mean codes, replace mode the features each side adds over the other."""
+    meters = {"positive": _CodeMeter(sae), "negative": _CodeMeter(sae)}
+    where = sample_prompts(model, clip, sae, site, {"positive": positive, "negative": negative}, meters.get,
+                           sampling)
+    pos, neg = (meter.mean(side) for side, meter in meters.items())
     if mode == "replace":
         return (concept_from_codes(pos, neg, top_n, sign="positive", dictionary=sae),
-                concept_from_codes(neg, pos, top_n, sign="positive", dictionary=sae), where.name)
-    return concept_from_codes(pos, neg, top_n, dictionary=sae), None, where.name
+                concept_from_codes(neg, pos, top_n, sign="positive", dictionary=sae), where)
+    return concept_from_codes(pos, neg, top_n, dictionary=sae), None, where
 
 
 def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: list[str], negative: list[str],
@@ -341,23 +344,14 @@ def scheduled_from_prompts(model, clip, sae: Dictionary, site: str, positive: li
     """``(summary, scheduled, site)``: sample every prompt once, reading the codes at every step and position; the
     clamp concept per step and position, and a summary concept to list (the difference of the mean codes over
     every step and position, at most :data:`SHOWN_FEATURES` features: a clamp keeps more per position)."""
-    import comfy.model_management
-    import comfy.utils
-
     meters = {"positive": StepCodeMeter(sae), "negative": StepCodeMeter(sae)}
-    uncond = encode(clip, "")
-    bar = comfy.utils.ProgressBar(len(positive) + len(negative))
-    for what, prompts in (("positive", positive), ("negative", negative)):
-        patched, where = patch_site(model, site, meters[what], width=sae.d_in)
-        for i, prompt in enumerate(prompts):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            replace(sampling, seed=sampling.seed + i).sample(patched, encode(clip, prompt), uncond)
-            bar.update(1)
+    where = sample_prompts(model, clip, sae, site, {"positive": positive, "negative": negative}, meters.get,
+                           sampling)
     scheduled = scheduled_concept_from_meters(meters["positive"], meters["negative"], top_n)
-    overall = [torch.stack([meter.step_mean(p).mean(0) for p in meter.progress(what)]).mean(0)
-               for what, meter in meters.items()]
+    overall = [torch.stack([meter.step_mean(p).mean(0) for p in meter.progress(side)]).mean(0)
+               for side, meter in meters.items()]
     shown = min(top_n, SHOWN_FEATURES)
-    return concept_from_codes(overall[0], overall[1], shown, dictionary=sae), scheduled, where.name
+    return concept_from_codes(overall[0], overall[1], shown, dictionary=sae), scheduled, where
 
 
 def concepts_from_words(index: Optional[FeatureIndex], dictionary: str, positive: str, negative: str, top_n: int,

@@ -520,9 +520,6 @@ class StepCodeMeter:
 
     def __init__(self, dictionary: Dictionary):
         self.dictionary = dictionary
-        self.reset()
-
-    def reset(self) -> None:
         self.parts: dict[float, list[tuple[Tensor, Tensor]]] = {}
         self.rows: dict[float, int] = {}
         self.tokens: Optional[int] = None
