@@ -60,7 +60,7 @@ from torch import Tensor
 from .dictionary import Dictionary
 from .errors import DictionaryError, ScheduleError, SteerError
 from .sites.context import SiteContext, SiteFunction, prompt_rows
-from .steering import Steer, checked_mask, feature_directions, mask_per_token, require_grid
+from .steering import Steer, checked_mask, feature_activations, feature_directions, mask_per_token, require_grid
 from .timesteps import Window, in_window, validate_window
 
 SIGNS = ("both", "positive")
@@ -487,7 +487,7 @@ def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, stre
         if len(rows) == 0:
             return h
         step = concept.step_at(ctx.progress)
-        current = _activations_of(dictionary, h.index_select(0, rows), concept.features[step].to(h.device))
+        current = feature_activations(h.index_select(0, rows), dictionary, concept.features[step])
         change = s * (concept.targets[step].to(h.device) - current)  # (rows, tokens, n)
         if weights is not None:
             require_grid(ctx)
@@ -501,15 +501,6 @@ def clamp_steer_function(dictionary: Dictionary, concept: ScheduledConcept, stre
         return h.index_add(0, rows, added.to(h.dtype))
 
     return steer_site
-
-
-def _activations_of(dictionary: Dictionary, h: Tensor, features: Tensor) -> Tensor:
-    """Each row's activation of the given features at each position: ``h`` ``(rows, tokens, d)``, ``features``
-    ``(tokens, n)`` -> ``(rows, tokens, n)`` float32 (0 where the encoder did not select the feature)."""
-    with torch.no_grad():
-        codes = dictionary.encode(h.to(torch.promote_types(h.dtype, torch.float32)))
-    selected = codes.indices.unsqueeze(-1) == features.to(codes.indices.device).unsqueeze(1)  # (rows, T, k, n)
-    return (codes.values.float().unsqueeze(-1) * selected).sum(-2).to(h.device)
 
 
 class StepCodeMeter:

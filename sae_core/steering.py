@@ -123,14 +123,15 @@ def feature_directions(dictionary: Dictionary, features: Sequence[int]) -> Tenso
     return torch.stack([dictionary.direction(f).detach().float().cpu() for f in features])
 
 
-def feature_activations(h: Tensor, dictionary: Dictionary, features: Sequence[int]) -> Tensor:
-    """Current activation of each feature on each token: ``(batch, tokens, len(features))``.
+def feature_activations(h: Tensor, dictionary: Dictionary, features: Union[Sequence[int], Tensor]) -> Tensor:
+    """Current activation of each feature on each token: ``(batch, tokens, F)``. ``features``: ``F`` ids read on
+    every token, or a ``(tokens, F)`` table of ids per token.
 
     A feature the encoder did not select on a token reads 0 there."""
     with torch.no_grad():
         codes = dictionary.encode(h.to(_compute_dtype(h)))
     ids = torch.as_tensor(features, dtype=codes.indices.dtype, device=codes.indices.device)
-    selected = codes.indices.unsqueeze(-1) == ids  # (batch, tokens, k, F)
+    selected = codes.indices.unsqueeze(-1) == (ids if ids.ndim == 1 else ids.unsqueeze(1))  # (batch, tokens, k, F)
     return (codes.values.float().unsqueeze(-1) * selected).sum(dim=-2).to(h.device)
 
 
