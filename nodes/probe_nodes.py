@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..sae_core import InputError, Recorder, Site, SiteError
 from ..sae_core.probe import ProbeTable, probe_accuracy, stratified_split
+from ..sae_core.sites import block_sites
 from .adapters import adapter_for
 from .common import CATEGORY, pil_to_image
 from .image_capture_nodes import _one_model_call, _zero_conditioning, check_conditioning, check_vae_fits
@@ -146,7 +147,7 @@ def chosen_sites(model, text: str) -> list[Site]:
         raise InputError("sites is empty: type comma-separated sites, e.g. double_blocks.0:image, "
                          "single_blocks.1:image, or all")
     if [name.lower() for name in names] == ["all"]:
-        return adapter.available_sites(model)
+        return block_sites(adapter.available_sites(model))
     return list(dict.fromkeys(adapter.resolve(model, name) for name in names))
 
 
@@ -246,8 +247,8 @@ class SAEDiffCProbe(io.ComfyNode):
                                         "most common one)"),
                 io.String.Input("sites", default="all",
                                 tooltip="comma-separated sites to probe, e.g. double_blocks.0:image, "
-                                        "output_blocks.1:residual; all: every site of the model (one pass records "
-                                        "them all)"),
+                                        "output_blocks.1:residual; all: every block's site of the model (one pass records "
+                                        "them all; not context:text, the prompt's tokens, the same for every image)"),
                 io.String.Input("levels", default="0.1, 0.3, 0.5, 0.7, 0.9",
                                 tooltip="comma-separated points of sampling the images are noised to: 0 the first "
                                         "step (most noise), 1 the last"),

@@ -133,7 +133,7 @@ class Hook:
 def test_flux_sites_are_its_double_and_single_blocks_with_every_stream(adapters, flux):
     names = {f"{s.block}:{s.stream}": s.extra["d"] for s in adapters.adapter_for(flux).available_sites(flux)}
     assert names == {f"{kind}_blocks.{i}:{st}": FLUX_D for kind in ("double", "single") for i in (0, 1)
-                     for st in ("image", "text", "update")}
+                     for st in ("image", "text", "update")} | {"context:text": tiny.FLUX_TEXT_WIDTH}
     assert {s.family for s in adapters.adapter_for(flux).available_sites(flux)} == {"flux"}
 
 
@@ -142,7 +142,7 @@ def test_sd15_sites_are_its_blocks_and_the_transformers_inside_them(adapters, sd
     sites = unet.available_sites(sd15)
     assert {s.family for s in sites} == {"sd15"}
     assert {f"{s.block}:{s.stream}": s.extra["d"] for s in sites} == {
-        "input_blocks.0:residual": 32, "input_blocks.1:residual": 32, "input_blocks.1:update": 32,
+        "context:text": tiny.SD15_TEXT_WIDTH, "input_blocks.0:residual": 32, "input_blocks.1:residual": 32, "input_blocks.1:update": 32,
         "input_blocks.2:residual": 32, "input_blocks.3:residual": 64,
         "middle_block:residual": 64, "middle_block:update": 64,
         "output_blocks.0:residual": 64, "output_blocks.1:residual": 64,

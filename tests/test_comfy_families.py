@@ -36,6 +36,8 @@ BLOCKS = {
 """The sites each tiny model must list: two blocks of every kind, these streams."""
 WIDTH = {"sd3": 128, "z_image": 256}  # the others are 64 wide
 HOOKED = ("lumina2", "z_image", "hidream")
+NO_CONTEXT = ("hidream",)
+"""Families without the conditioning site ``context:text`` (HiDream reads T5 and Llama tokens, not one context)."""
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -139,10 +141,44 @@ def test_every_site_of_the_family_is_listed_with_the_network_width(adapters, mod
                 for stream in streams}
     if name == "sd3":
         expected.discard("joint_blocks.1:text")  # the last joint block returns no text tokens
+    if name not in NO_CONTEXT:
+        expected.add("context:text")
     listed = sites_of(adapters, model.patcher)
     assert set(listed) == expected
+    context = listed.pop("context:text", None)
     assert {site.extra["d"] for site in listed.values()} == {WIDTH.get(name, 64)}
     assert {site.family for site in listed.values()} == {model.spec.family}
+    if context is not None:  # the prompt's tokens, as wide as the text encoder's
+        assert context.extra["d"] == model.spec.text_width and context.family == model.spec.family
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in NO_CONTEXT])
+def test_the_context_site_sees_the_prompts_tokens_and_its_edit_reaches_the_network(adapters, models, name):
+    model = models(name)
+    seen = Recorder()
+    model.run(patch(adapters, model.patcher, {"context:text": seen}), steps=2)
+    assert len(seen.calls) == 2  # once per step, cond and uncond batched
+    positive, negative = model.positive[0][0], model.negative[0][0]
+    for tokens, ctx in seen.calls:
+        assert holds(tokens[ctx.cond], positive) and holds(tokens[~ctx.cond], negative)
+        assert ctx.grid is None and ctx.progress is not None
+    base = model.run()
+    doubled = model.run(patch(adapters, model.patcher, {"context:text": lambda h, ctx: h * 2}))
+    by_hand = tiny.sample(model.patcher, seed=3, steps=1, cfg=2.0, positive=[[positive * 2, model.positive[0][1]]],
+                          negative=[[negative * 2, model.negative[0][1]]], latent=tiny.family_latent(model.spec))
+    assert not torch.equal(doubled, base)
+    assert torch.equal(doubled, by_hand)  # the edit is exactly a changed prompt, and nothing else
+
+
+def holds(tokens: torch.Tensor, prompt: torch.Tensor) -> bool:
+    """``tokens`` (1, n, d) are the prompt's (1, m, d), padded with zeros around them where the family pads
+    (FLUX.2 pads its text to 512 tokens)."""
+    for start in range(tokens.shape[1] - prompt.shape[1] + 1):
+        window = tokens[:, start:start + prompt.shape[1]]
+        rest = torch.cat([tokens[:, :start], tokens[:, start + prompt.shape[1]:]], dim=1)
+        if torch.equal(window, prompt) and not rest.any():
+            return True
+    return False
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -158,7 +194,10 @@ def test_each_site_sees_its_own_tokens_with_grid_frames_cond_and_progress(adapte
     for site, recorder in recorders.items():
         assert len(recorder.calls) == 2, site  # once per step: cond and uncond in one call
         for (tokens, ctx), sigma, progress in zip(recorder.calls, schedule[:-1].tolist(), (0.0, 1.0)):
-            if site.endswith(":text"):
+            if site == "context:text":  # the prompt's tokens (FLUX.2 pads them to 512)
+                assert tokens.shape == (2, 512 if name == "flux2" else tiny.TEXT_TOKENS, model.spec.text_width), site
+                assert ctx.grid is None and ctx.frames == 1, site
+            elif site.endswith(":text"):
                 assert tokens.shape == (2, model.spec.text_seen, width), site
                 assert ctx.grid is None and ctx.frames == 1, site
             else:
@@ -240,9 +279,9 @@ def test_capture_at_every_site_is_bit_identical_to_the_unpatched_model(adapters,
 def test_zero_strength_steer_is_bit_identical(adapters, models, engine, name):
     model = models(name)
     base = model.run(steps=2)
-    sae = dictionary(engine, WIDTH.get(name, 64))
-    steers = {site: engine.steer_function(sae, [engine.Steer(features=(3, 5), strengths=(0.0, 0.0))])
-              for site in sites_of(adapters, model.patcher)}
+    steers = {name_: engine.steer_function(dictionary(engine, site.extra["d"]),
+                                           [engine.Steer(features=(3, 5), strengths=(0.0, 0.0))])
+              for name_, site in sites_of(adapters, model.patcher).items()}
     assert torch.equal(model.run(patch(adapters, model.patcher, steers), steps=2), base)
 
 
@@ -289,9 +328,10 @@ def test_twenty_alternating_steered_samplings_leave_the_unpatched_model_bit_iden
     model = models(name)
     options = repr(model.patcher.model_options)
     base = model.run()
-    sae = dictionary(engine, WIDTH.get(name, 64))
-    steer = engine.steer_function(sae, [engine.Steer(features=(3,), strengths=(2.0,), units="raw")])
-    steered = patch(adapters, model.patcher, {site: steer for site in sites_of(adapters, model.patcher)})
+    steered = patch(adapters, model.patcher, {
+        name_: engine.steer_function(dictionary(engine, site.extra["d"]),
+                                     [engine.Steer(features=(3,), strengths=(2.0,), units="raw")])
+        for name_, site in sites_of(adapters, model.patcher).items()})
     for i in range(20):
         out = model.run(steered if i % 2 == 0 else None)
         assert torch.equal(out, base) == (i % 2 == 1), i

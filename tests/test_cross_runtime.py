@@ -309,3 +309,16 @@ def test_a_dictionary_of_another_width_is_refused_in_both_runtimes(pair, comfy_s
         comfy_engine.check_site_width(dictionary, int(comfy_site.extra["d"]), comfy_site.name)
     with pytest.raises(sae_core.DictionaryError, match="has d_in="):
         sae_core.check_site_width(narrow, int(site.extra["d"]), site.name)
+
+
+def test_the_context_site_is_one_site_with_the_same_tokens_in_both_runtimes(pair, comfy_side):
+    """The conditioning site: ComfyUI's ``c_crossattn`` and diffusers' ``encoder_hidden_states`` are the same
+    tokens, under the same name and width, so a dictionary trained on the prompt's tokens loads in either."""
+    from training.adapters import resolve_site
+
+    family, pair_ = pair
+    adapters, _ = comfy_side
+    site = resolve_site(pair_.diffusers, "encoder_hidden_states:text")
+    comfy_site = adapters.adapter_for(pair_.comfy).resolve(pair_.comfy, "c_crossattn:text")
+    assert site.name == comfy_site.name == "context:text" and site.extra["d"] == comfy_site.extra["d"]
+    assert_same_tokens(adapters, pair_, comfy_site, site)

@@ -155,8 +155,9 @@ def run(model, inputs):
 
 def test_flux_lists_double_and_single_block_sites(flux):
     names = [(s.family, s.block, s.stream, s.extra["d"]) for s in available_sites(flux)]
-    assert names == [("flux", f"{kind}.{i}", stream, D_FLUX) for kind in ("double_blocks", "single_blocks")
-                     for i in range(2) for stream in ("image", "text", "update")]
+    assert names == [("flux", "context", "text", 32)] + [  # the prompt's tokens first, as wide as joint_attention_dim
+        ("flux", f"{kind}.{i}", stream, D_FLUX) for kind in ("double_blocks", "single_blocks")
+        for i in range(2) for stream in ("image", "text", "update")]
 
 
 def test_flux_sites_resolve_by_either_runtimes_name(flux):
@@ -177,7 +178,7 @@ def test_flux_blocks_return_text_then_image(flux, flux_inputs):
 
 
 def test_flux_capture_sees_each_streams_own_tokens(flux, flux_inputs):
-    recorders = {s: Recorder() for s in available_sites(flux)}
+    recorders = {s: Recorder() for s in available_sites(flux) if s.block != "context"}
     names = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
     with ManualHooks(flux, names) as manual, attach(flux, recorders):
         run(flux, flux_inputs)
@@ -256,7 +257,7 @@ def test_unet_sites_are_comfyuis_blocks_and_the_transformers_inside_them(sd15, s
     assert {s.family for s in available_sites(sd15)} == {"sd15"}
     assert {s.family for s in available_sites(sdxl)} == {"sdxl"}
     assert names(sd15) == {
-        ("input_blocks.0", "residual"): 32, ("input_blocks.1", "residual"): 32, ("input_blocks.1", "update"): 32,
+        ("context", "text"): sd15.config.cross_attention_dim, ("input_blocks.0", "residual"): 32, ("input_blocks.1", "residual"): 32, ("input_blocks.1", "update"): 32,
         ("input_blocks.2", "residual"): 32, ("input_blocks.3", "residual"): 64,
         ("middle_block", "residual"): 64, ("middle_block", "update"): 64,
         ("output_blocks.0", "residual"): 64, ("output_blocks.1", "residual"): 64,
@@ -282,7 +283,7 @@ def test_unet_sites_are_comfyuis_blocks_and_the_transformers_inside_them(sd15, s
 def _module_names(model) -> dict:
     """Site block -> (diffusers module whose output it is, module whose input is its input)."""
     catalogue = adapter_for(model).catalogue(model)
-    return {b.name: (b.module("diffusers"), b.input_module("diffusers")) for b in catalogue.blocks}
+    return {b.name: (b.module("diffusers"), b.input_module("diffusers")) for b in catalogue.blocks if b.role != "context"}
 
 
 def test_unet_update_is_listed_exactly_where_a_block_keeps_its_shape(sd15, unet_inputs):
@@ -298,7 +299,7 @@ def test_unet_update_is_listed_exactly_where_a_block_keeps_its_shape(sd15, unet_
 
 def test_unet_capture_is_the_output_map_as_tokens(sd15, unet_inputs):
     modules = _module_names(sd15)
-    recorders = {s: Recorder() for s in available_sites(sd15)}
+    recorders = {s: Recorder() for s in available_sites(sd15) if s.block != "context"}
     with ManualHooks(sd15, sorted({m for pair in modules.values() for m in pair})) as manual, attach(sd15, recorders):
         run(sd15, unet_inputs)
     for s, recorder in recorders.items():
@@ -370,7 +371,7 @@ def test_unet_update_edit_adds_to_the_block_output(sd15, unet_inputs):
 
 def test_unknown_site_lists_the_available_ones(flux):
     with pytest.raises(SiteError, match=r"unknown site double_blocks\.7:image for this flux model; "
-                                        r"available sites: double_blocks\.0:image, "):
+                                        r"available sites: context:text, double_blocks\.0:image, "):
         with attach(flux, {Site("flux", "double_blocks.7", "image"): identity}):
             pass
     with pytest.raises(SiteError, match="is for a sd3 model, but this model is flux"):

@@ -231,8 +231,13 @@ def expected(family, site, hooks):
     return tokens - hooks.inputs[name][:, start:start + count] if site.stream == "update" else tokens
 
 
+def block_sites(model) -> list:
+    """Every site but the conditioning one (``context:text``: the model's input, not a block's tensor)."""
+    return [site for site in available_sites(model) if site.block != "context"]
+
+
 def record_all(model, inputs):
-    seen = {site: [] for site in available_sites(model)}
+    seen = {site: [] for site in block_sites(model)}
 
     def recorder(site):
         def record(h, ctx):
@@ -263,7 +268,7 @@ def test_the_catalogue_counts_every_block_kind_from_the_config(name, models):
 @pytest.mark.parametrize("name", BY_NAME)
 def test_every_site_fires_once_per_call_with_its_own_tokens(name, models):
     family, (model, inputs) = BY_NAME[name], models[name]
-    with Hooks(model, sorted({module_of(family, s) for s in available_sites(model)})) as hooks:
+    with Hooks(model, sorted({module_of(family, s) for s in block_sites(model)})) as hooks:
         seen = record_all(model, inputs)
     for site, calls in seen.items():
         assert len(calls) == 1, site
@@ -335,10 +340,35 @@ def test_hooks_are_gone_after_the_block_even_when_a_site_function_raises(name, m
 @pytest.mark.parametrize("name", BY_NAME)
 def test_diffusers_and_comfyui_names_resolve_to_the_same_site(name, models):
     family, (model, _) = BY_NAME[name], models[name]
-    for site in available_sites(model):
+    for site in block_sites(model):
         assert resolve_site(model, f"{module_of(family, site)}:{site.stream}") == site
         assert resolve_site(model, site.name) == site
         assert catalogue(model).module(site, "diffusers") == module_of(family, site)
+
+
+NO_CONTEXT = ("z_image", "hidream")
+"""Families whose diffusers model takes its text otherwise than as ``encoder_hidden_states`` (lists of
+captions; T5 and Llama tokens apart): they have no conditioning site here."""
+
+
+@pytest.mark.parametrize("name", BY_NAME)
+def test_the_context_site_is_the_text_the_model_is_called_with_and_an_edit_is_a_changed_prompt(name, models):
+    model, inputs = models[name]
+    if name in NO_CONTEXT:
+        assert "context" not in {site.block for site in available_sites(model)}
+        return
+    site = resolve_site(model, "encoder_hidden_states:text")  # diffusers' name for it
+    assert site.name == "context:text" and site.extra["d"] == inputs["encoder_hidden_states"].shape[-1]
+    seen = []
+    with attach(model, {site: lambda h, ctx: seen.append((h.clone(), ctx)) or h}):
+        run(model, inputs)
+    (h, ctx), = seen
+    assert torch.equal(h, inputs["encoder_hidden_states"]) and ctx.grid is None
+    with attach(model, {site: lambda h, ctx: h * 2}):
+        doubled = run(model, inputs)
+    assert_no_hooks(model)
+    by_hand = run(model, {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"] * 2})
+    assert torch.equal(doubled, by_hand) and not torch.equal(doubled, run(model, inputs))
 
 
 # ------------------------------------------------------------------------------------ family details

@@ -24,6 +24,18 @@ def test_a_flux_catalogue_lists_every_block_and_stream_with_its_width():
     assert catalogue.names[:3] == ["double_blocks.0:image", "double_blocks.0:text", "double_blocks.0:update"]
 
 
+def test_the_context_site_comes_first_under_every_runtimes_name_with_the_text_encoders_width():
+    catalogue = transformer_catalogue("flux", {"double_blocks": 2, "single_blocks": 2}, 64, context_width=4096)
+    assert catalogue.names[0] == "context:text" and catalogue.sites[0].extra == {"d": 4096, "role": "context"}
+    for name in ("context:text", "encoder_hidden_states:text", "c_crossattn:text", "flux:context:text"):
+        assert catalogue.resolve(name).name == "context:text"
+    unet = unet_catalogue("sd15", SD15, context_width=768)
+    assert unet.resolve("encoder_hidden_states:text").extra["d"] == 768
+    assert "context:text" not in flux(2, 2, 64).names  # a runtime that cannot hand the tokens over lists none
+    with pytest.raises(SiteError, match="unknown site context:image"):
+        catalogue.resolve("context:image")  # the prompt's tokens are text only
+
+
 def test_diffusers_names_resolve_to_the_canonical_site_and_back():
     catalogue = flux()
     site = catalogue.resolve("transformer_blocks.18:image")

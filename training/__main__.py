@@ -398,11 +398,13 @@ DIFFC_FILES = ("diffc.json", "diffc.md", "diffc.png")
 def cmd_probe(args: argparse.Namespace) -> int:
     from organism.data import CLASSES
 
+    from sae_core.sites import block_sites
+
     from .probe import diffc_table, site_rows
 
     dictionary = load_dictionary(args.dictionary) if args.dictionary else None  # a bad file: refused before the model loads
     runner = _runner(args)
-    sites = runner.sites() if args.sites == ["all"] else [runner.site(name) for name in args.sites]
+    sites = block_sites(runner.sites()) if args.sites == ["all"] else [runner.site(name) for name in args.sites]
     rows = site_rows(sites, dictionary, _site_for(runner, dictionary, None) if dictionary is not None else None)
     start = time.perf_counter()
     table = diffc_table(runner, rows, args.levels, args.per_class, args.test_fraction, args.seed, args.batch_size)
@@ -639,7 +641,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pr.add_argument("--device", type=Device(), default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")
     pr.add_argument("--sites", type=TEXT, nargs="+", default=["all"],
-                    help="'all' (default) or site names, e.g. double_blocks.1:image (capture --list-sites shows them)")
+                    help="'all' (default: every block's site; not context:text, the prompt's tokens, which an "
+                         "empty prompt holds constant) or site names, e.g. double_blocks.1:image (capture "
+                         "--list-sites shows them)")
     pr.add_argument("--levels", type=FRACTION, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                     help="noise levels as sampling progress of a 20-step schedule (0 = pure noise, 1 = the last step)")
     pr.add_argument("--per-class", type=Number(int, min=2), default=20,

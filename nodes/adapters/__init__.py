@@ -20,6 +20,10 @@ Adapters (the family rules are in each module):
   model call: Lumina 2 / Z-Image, HiDream-I1;
 * ``comfy_unet.UNetAdapter``: ``openaimodel.UNetModel`` (SD 1.5, SD 2.x, SDXL, the SDXL refiner).
 
+Every family but HiDream also has the conditioning site ``context:text``: the prompt's tokens as
+``BaseModel.apply_model`` hands them to the network (``c_crossattn``), edited by an APPLY_MODEL wrapper
+before the network runs (``common.ComfyAdapter.apply``), so a steer there reaches every block.
+
 Anything else raises a SiteError naming the supported families.
 """
 from __future__ import annotations
@@ -52,7 +56,7 @@ def patch_site(model_patcher: Any, site: Union[Site, str], fn: SiteFunction,
     adapter = adapter_for(model_patcher)
     plan = adapter.plan(model_patcher, {site: fn}, {site: width} if width is not None else None)
     (resolved, _), = next(iter(plan.values()))
-    return adapter.install(model_patcher, plan), resolved
+    return adapter.apply(model_patcher, plan), resolved
 
 
 __all__ = ["ADAPTERS", "REVELIO_BLOCKS", "SUPPORTED", "ComfyAdapter", "DitAdapter", "HookAdapter", "UNetAdapter",

@@ -48,6 +48,11 @@ Verified in ComfyUI 0.3.75 (``comfy/ldm/{flux,chroma,hunyuan_video,aura,qwen_ima
 * Context: ``transformer_options`` ``"sigmas"``, ``"sample_sigmas"``, ``"cond_or_uncond"``
   (see ``common.py``).
 
+Conditioning site: ``context:text`` (every family here) is the prompt's tokens before the network's own
+text projection (``DitNetwork.context``: Flux's ``txt_in``, SD3's ``context_embedder``, AuraFlow's
+``cond_seq_linear``, Wan's ``text_embedding``, ...; its input width is the site's width), installed by
+``common.ComfyAdapter.apply`` on ``c_crossattn``.
+
 Family rule: the exact network class, and the MODEL's ``comfy.model_base`` class where two families
 share one network (:data:`NETWORKS`). Subclasses of these networks (Chroma Radiance, Wan VACE/camera/
 S2V/HuMo, ...) and other models on the same class (HunyuanVideo 1.5, HunyuanImage 2.1) are other
@@ -80,19 +85,21 @@ class DitNetwork(Network):
 
 
 NETWORKS: tuple[DitNetwork, ...] = (
-    DitNetwork("flux", "comfy.ldm.flux.model", "Flux", number("hidden_size"), base="Flux", not_base=("Flux2",)),
-    DitNetwork("flux2", "comfy.ldm.flux.model", "Flux", number("hidden_size"), base="Flux2"),
-    DitNetwork("chroma", "comfy.ldm.chroma.model", "Chroma", number("hidden_size")),
+    DitNetwork("flux", "comfy.ldm.flux.model", "Flux", number("hidden_size"), base="Flux", not_base=("Flux2",),
+               context="txt_in"),
+    DitNetwork("flux2", "comfy.ldm.flux.model", "Flux", number("hidden_size"), base="Flux2", context="txt_in"),
+    DitNetwork("chroma", "comfy.ldm.chroma.model", "Chroma", number("hidden_size"), context="txt_in"),
     DitNetwork("hunyuan_video", "comfy.ldm.hunyuan_video.model", "HunyuanVideo", number("hidden_size"),
-               base="HunyuanVideo", not_base=("HunyuanVideo15",), refs_first=True),
+               base="HunyuanVideo", not_base=("HunyuanVideo15",), refs_first=True, context="txt_in"),
     DitNetwork("aura_flow", "comfy.ldm.aura.mmdit", "MMDiT", lambda net: int(net.register_tokens.shape[-1]),
-               registers=lambda net: int(net.register_tokens.shape[1])),
-    DitNetwork("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", number("inner_dim")),
+               registers=lambda net: int(net.register_tokens.shape[1]), context="cond_seq_linear"),
+    DitNetwork("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", number("inner_dim"),
+               context="txt_in"),
     DitNetwork("sd3", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper",
-               number("hidden_size"), patch=lambda net: patch_size(net.x_embedder.patch_size), base="SD3"),
-    DitNetwork("wan", "comfy.ldm.wan.model", "WanModel", number("dim"), base="WAN21"),
+               number("hidden_size"), patch=lambda net: patch_size(net.x_embedder.patch_size), base="SD3", context="context_embedder"),
+    DitNetwork("wan", "comfy.ldm.wan.model", "WanModel", number("dim"), base="WAN21", context="text_embedding"),
     DitNetwork("ltxv", "comfy.ldm.lightricks.model", "LTXVModel", number("inner_dim"),
-               patch=lambda net: patch_size(net.patchifier.patch_size), base="LTXV"),
+               patch=lambda net: patch_size(net.patchifier.patch_size), base="LTXV", context="caption_projection"),
 )
 """The families handled here, by their ComfyUI network (checked in order)."""
 

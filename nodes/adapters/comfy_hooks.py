@@ -125,10 +125,11 @@ class HookNetwork(Network):
 
 
 NETWORKS: tuple[HookNetwork, ...] = (
-    HookNetwork("lumina2", "comfy.ldm.lumina.model", "NextDiT", number("dim"), base="Lumina2", kinds={
-        "noise_refiner": HookKind("x", _image_only),
-        "context_refiner": HookKind("x", _text_only),
-        "layers": HookKind("x", _text_then_image)}),
+    HookNetwork("lumina2", "comfy.ldm.lumina.model", "NextDiT", number("dim"), base="Lumina2",
+                context="cap_embedder", kinds={
+                    "noise_refiner": HookKind("x", _image_only),
+                    "context_refiner": HookKind("x", _text_only),
+                    "layers": HookKind("x", _text_then_image)}),
     HookNetwork("hidream", "comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel", number("inner_dim"),
                 canvas=_beside_image_cond, kinds={
                     "double_stream_blocks": HookKind("image_tokens", _image_and_text),

@@ -258,6 +258,13 @@ def unet_shape(net: nn.Module) -> UNetShape:
                      output_attention=tuple(output_attention))
 
 
+def context_width(net: nn.Module) -> Optional[int]:
+    """The width of the prompt's tokens (``c_crossattn``) every cross-attention reads (its key projection's
+    input); None for a U-Net without cross-attention or whose blocks read different widths."""
+    widths = {int(m.attn2.to_k.in_features) for m in net.modules() if hasattr(getattr(m, "attn2", None), "to_k")}
+    return widths.pop() if len(widths) == 1 else None
+
+
 class UNetAdapter(ComfyAdapter):
     """Sites on ComfyUI's SD 1.5 / SD 2.x / SDXL / SDXL refiner U-Nets (see the module docstring)."""
 
@@ -273,7 +280,7 @@ class UNetAdapter(ComfyAdapter):
             config = type(getattr(model_patcher.model, "model_config", None)).__name__
             raise SiteError(f"this {type(net).__name__} ({config} config) is not an SD 1.5, SD 2.x, SDXL or SDXL "
                             "refiner U-Net, so it has no sites here (SVD, Zero123 and upscalers are not supported)")
-        return unet_catalogue(family, unet_shape(net))
+        return unet_catalogue(family, unet_shape(net), context_width=context_width(net))
 
     def install(self, model_patcher: Any, plan: Mapping[str, list]) -> Any:
         """A clone of ``model_patcher`` running the plan's site functions (the input is untouched)."""

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from ...sae_core.errors import DictionaryError, SiteError
-from ...sae_core.sites import (FAMILIES, Catalogue, Site, SiteContext, SiteFunction, call_context, family, first_float,
-                               transformer_catalogue)
+from ...sae_core.sites import (CONTEXT, FAMILIES, Catalogue, Site, SiteContext, SiteFunction, call_context, family,
+                               first_float, transformer_catalogue)
 from ...sae_core.sites.unet import SHAPES
 
 PATCH_KEY = "diffusion_sae"
@@ -77,6 +77,16 @@ def _own_patch(net: torch.nn.Module) -> tuple[int, int, int]:
     return patch_size(net.patch_size)
 
 
+def first_linear_input(net: torch.nn.Module, path: str) -> Optional[int]:
+    """``in_features`` of the first linear layer in ``net``'s module ``path`` (None if it has none: SD3 without
+    a text embedder has an ``nn.Identity`` there)."""
+    try:
+        module = net.get_submodule(path)
+    except AttributeError:
+        return None
+    return next((int(m.in_features) for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+
+
 @dataclass(frozen=True)
 class Network:
     """How one family's ComfyUI network is recognised and measured."""
@@ -90,6 +100,12 @@ class Network:
     base: Optional[str] = None
     """The MODEL must be an instance of this ``comfy.model_base`` class (families sharing a network)."""
     not_base: tuple[str, ...] = ()
+    context: Optional[str] = None
+    """The network's module that first reads the prompt's tokens (``c_crossattn``, the network's ``context``);
+    its first linear layer's input width is the conditioning site's width. None: no conditioning site."""
+
+    def context_width(self, net: torch.nn.Module) -> Optional[int]:
+        return first_linear_input(net, self.context) if self.context else None
 
     def matches(self, model_patcher: Any) -> bool:
         try:
@@ -185,6 +201,32 @@ def comfy_context(transformer_options: Optional[Mapping[str, Any]], batch: int) 
                         chunks=options.get("cond_or_uncond"), timestep=call.timestep if call else None)
 
 
+def _context_wrapper(entries: list) -> Callable:
+    """The APPLY_MODEL wrapper running the conditioning site's functions on ``c_crossattn`` (the prompt's tokens
+    as ``BaseModel.apply_model`` hands them to the network) for one model call, before the network runs.
+    ComfyUI calls it with ``(x, t, c_concat, c_crossattn, control, transformer_options, **extra_conds)``."""
+
+    def edit_context(executor, *args, **kwargs):
+        at = 3 if len(args) > 3 else None
+        context = args[at] if at is not None else kwargs.get("c_crossattn")
+        if not isinstance(context, Tensor) or context.ndim != 3:
+            site = entries[0][0]
+            raise SiteError(f"the site {site.name} edits the prompt's tokens, and this model call has none "
+                            f"(c_crossattn is {type(context).__name__}): is the model given a text conditioning?")
+        ctx = comfy_context(call_options(args, kwargs), context.shape[0])
+        edited = context
+        for site, fn in entries:
+            edited = edit_tokens(site, fn, edited, 0, edited.shape[1], ctx)
+        if edited is not context:
+            if at is not None:
+                args = args[:at] + (edited,) + args[at + 1:]
+            else:
+                kwargs = {**kwargs, "c_crossattn": edited}
+        return executor(*args, **kwargs)
+
+    return edit_context
+
+
 def run_site(site: Site, fn: SiteFunction, h: Tensor, ctx: SiteContext) -> Tensor:
     """``fn(h, ctx)``, checked: same shape back, cast to ``h``'s dtype and device."""
     new = fn(h, ctx)
@@ -250,7 +292,17 @@ class ComfyAdapter:
               widths: Optional[Mapping[Union[Site, str], int]] = None) -> Any:
         """A clone of ``model_patcher`` running ``site_functions`` at their sites; ``widths``: the width each
         function needs (a dictionary's ``d_in``), refused before anything is patched if the site differs."""
-        return self.install(model_patcher, self.plan(model_patcher, site_functions, widths))
+        return self.apply(model_patcher, self.plan(model_patcher, site_functions, widths))
+
+    def apply(self, model_patcher: Any, plan: Mapping[str, list]) -> Any:
+        """A clone of ``model_patcher`` running ``plan``: the blocks by this adapter's :meth:`install`, the
+        conditioning site (``context``, the same for every family) by an APPLY_MODEL wrapper."""
+        blocks = {block: entries for block, entries in plan.items() if block != CONTEXT}
+        clone = self.install(model_patcher, blocks) if blocks else model_patcher.clone()
+        if CONTEXT in plan and not add_wrapper(clone, _context_wrapper(plan[CONTEXT])):
+            raise SiteError("this ComfyUI has no model wrappers (WrappersMP.APPLY_MODEL), which the conditioning "
+                            "site context:text needs: update ComfyUI")
+        return clone
 
     def family(self, model_patcher: Any) -> str:
         return self.catalogue(model_patcher).family
@@ -309,4 +361,4 @@ class NetworkAdapter(ComfyAdapter):
         spec = self.spec(model_patcher)
         net = diffusion_model(model_patcher)
         counts = {kind.prefix: len(getattr(net, kind.prefix)) for kind in family(spec.family).kinds}
-        return transformer_catalogue(spec.family, counts, spec.width(net))
+        return transformer_catalogue(spec.family, counts, spec.width(net), context_width=spec.context_width(net))

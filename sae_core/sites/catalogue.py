@@ -16,6 +16,8 @@ from ..errors import SiteError
 from .site import Site
 
 RUNTIMES = ("comfy", "diffusers")
+CONTEXT = "context"
+"""The block name of the conditioning site: the prompt's text tokens as the denoiser receives them."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,21 @@ def parse_site(name: str) -> Site:
     if len(parts) == 3 and all(parts):
         return Site(family=parts[0], block=parts[1], stream=parts[2])
     raise SiteError(f"site {name!r} is not 'block:stream' (e.g. double_blocks.1:image, output_blocks.5:residual)")
+
+
+def context_block(width: int) -> Block:
+    """The conditioning site ``context:text``: the text encoder's tokens as they enter the denoiser (ComfyUI's
+    ``c_crossattn``, diffusers' ``encoder_hidden_states``), before any block or projection of the network
+    reads them. It is the one site every family has in the same place, and the one where a steer reaches
+    every block (each cross-attention of a U-Net, a transformer's text embedder and so its whole text stream).
+    It holds no image tokens and is the same at every step unless a steer schedules it."""
+    return Block(CONTEXT, {"text": int(width)}, aliases=("encoder_hidden_states", "c_crossattn"), role="context")
+
+
+def block_sites(sites: Iterable[Site]) -> list[Site]:
+    """``sites`` without the conditioning site: the ones the denoiser computes. What reads the picture (Diff-C
+    over "all" sites, with an empty prompt that holds ``context:text`` constant) wants only these."""
+    return [site for site in sites if site.block != CONTEXT]
 
 
 def numbered(prefix: str, count: int, streams: Mapping[str, int], *, role: str,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from ..errors import SiteError
-from .catalogue import Catalogue, numbered
+from .catalogue import Catalogue, context_block, numbered
 
 IMAGE_STREAMS = ("image", "update")
 BOTH_STREAMS = ("image", "text", "update")
@@ -87,15 +87,16 @@ def family(name: str) -> Family:
 
 
 def transformer_catalogue(name: str, counts: Mapping[str, int], width: int,
-                          text_width: Optional[int] = None) -> Catalogue:
+                          text_width: Optional[int] = None, context_width: Optional[int] = None) -> Catalogue:
     """The sites of a ``name``-family model with ``counts[prefix]`` blocks of each kind, all ``width`` wide
-    (text tokens ``text_width`` wide where that differs)."""
+    (text tokens ``text_width`` wide where that differs); with ``context_width`` (the text encoder's width,
+    where the runtime can hand that tensor over) the conditioning site ``context:text`` comes first."""
     spec = family(name)
     unknown = set(counts) - {kind.prefix for kind in spec.kinds}
     if unknown:
         raise SiteError(f"{spec.title} has no blocks {sorted(unknown)}; its kinds: "
                         + ", ".join(kind.prefix for kind in spec.kinds))
-    blocks = []
+    blocks = [context_block(context_width)] if context_width else []
     for kind in spec.kinds:
         count = int(counts.get(kind.prefix, 0))
         widths = {s: int(text_width or width) if s == "text" else int(width) for s in kind.streams}

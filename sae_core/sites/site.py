@@ -23,7 +23,8 @@ class Site:
 
     family: model family ("flux", "sd15", "sdxl", "sd3", "wan", ...: see :mod:`sae_core.sites.families`).
     block: the canonical block name (ComfyUI's module path), e.g. "double_blocks.18", "output_blocks.4";
-        other runtimes' names are translated by the family's :class:`~sae_core.sites.Catalogue`.
+        other runtimes' names are translated by the family's :class:`~sae_core.sites.Catalogue`. "context"
+        is the prompt's tokens as the denoiser receives them (stream "text"), before any block.
     stream: which tokens/tensor: "image", "text", "residual" (U-Net hidden state) or
         "update" (the image tokens' block output minus block input).
     timestep_window: (start, end) in sampling progress 0..1, or None for any time.

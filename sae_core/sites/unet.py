@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..errors import SiteError
-from .catalogue import Block, Catalogue
+from .catalogue import Block, Catalogue, context_block
 
 REVELIO_BLOCKS = {"bottleneck": "middle_block", "up_ft1": "up_blocks.1", "up_ft2": "up_blocks.2"}
 """Revelio's SD 1.5 feature names -> block (stream "residual")."""
@@ -92,11 +92,14 @@ def _attention(owner: str, width: int, diffusers: str) -> Block:
     return Block(f"{owner}.1", {"update": width}, {"diffusers": diffusers}, (diffusers,), role="attention")
 
 
-def unet_catalogue(family: str, shape: UNetShape, compatible: Sequence[str] = ()) -> Catalogue:
-    """Every block of a U-Net with this shape, in the order it runs, with both runtimes' names."""
+def unet_catalogue(family: str, shape: UNetShape, compatible: Sequence[str] = (),
+                   context_width: Optional[int] = None) -> Catalogue:
+    """Every block of a U-Net with this shape, in the order it runs, with both runtimes' names; with
+    ``context_width`` (the cross-attention's text width) the conditioning site ``context:text`` first."""
     widths = [shape.model_channels * m for m in shape.channel_mult]
     levels = len(widths)
-    blocks: list[Block] = [_block("input_blocks.0", shape.model_channels, False, "conv_in", "input")]
+    blocks: list[Block] = [context_block(context_width)] if context_width else []
+    blocks.append(_block("input_blocks.0", shape.model_channels, False, "conv_in", "input"))
     attentions: list[Block] = []
     k, channels = 1, shape.model_channels
     for level, (width, n) in enumerate(zip(widths, shape.num_res_blocks)):

@@ -10,7 +10,9 @@ sequence). Everything else is here: names resolve through the catalogue (either 
 itself (they build the call's context once with :func:`sae_core.sites.call_context`, the function
 ComfyUI's adapters use too, then clear it), and removes every one of them when the ``with`` block
 ends, however it ends. A site function sees the site's own tokens as ``(batch, tokens, d)`` and
-whatever it returns replaces them (the contract of :mod:`sae_core.sites.context`).
+whatever it returns replaces them (the contract of :mod:`sae_core.sites.context`). The conditioning
+site ``context:text`` is no module's output but the model's own ``encoder_hidden_states`` argument
+(:func:`context_tap`): a forward pre-hook on the model edits it before any block reads it.
 
 Timestep windows in a :class:`Site` are not applied here: gating is the site function's job
 (``sae_core.timesteps.in_window``), which raises :class:`~sae_core.errors.ScheduleError` for a
@@ -151,6 +153,9 @@ class Tap:
     input_module: Optional[nn.Module] = None
     """The module whose input is the block's input for "update", when not ``module`` (a U-Net block
     that is two diffusers modules)."""
+    argument: Optional[str] = None
+    """The site's tensor is this forward argument of ``module`` (the model's own ``encoder_hidden_states``
+    for the conditioning site), edited before the module runs rather than read from its output."""
 
     def output_tensor(self, output: Any) -> Tensor:
         return output if self.index is None else output[self.index]
@@ -164,6 +169,12 @@ class Tap:
         if self.skips is not None:
             items[self.skips] = tuple(new if t is old else t for t in output[self.skips])
         return tuple(items)
+
+
+def context_tap(model: nn.Module) -> Tap:
+    """The conditioning site ``context:text``: the text tokens the model is called with (every diffusers
+    denoiser here takes them as ``encoder_hidden_states``), edited before the model runs."""
+    return Tap(model, None, "text", argument="encoder_hidden_states")
 
 
 def first_argument(module: nn.Module) -> str:
@@ -290,6 +301,34 @@ class _SiteHook:
         return tap.replace(output, span.put(out, edited) if span is not None else edited)
 
 
+class _ArgumentHook:
+    """Forward pre-hook that runs one site function on an argument of the module (the conditioning site:
+    the text tokens a model is called with) and calls the module with the result. Registered after
+    :class:`_CallStart`, so the call's context is known. An unchanged result leaves the call untouched."""
+
+    def __init__(self, site: Site, tap: Tap, fn: SiteFunction, attachment: _Attachment):
+        self.site, self.tap, self.fn, self.attachment = site, tap, fn, attachment
+        self.signature = inspect.signature(type(tap.module).forward)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        name = self.tap.argument
+        position = list(self.signature.parameters).index(name) - 1 if name in self.signature.parameters else -1
+        x = kwargs.get(name) if name in kwargs else (args[position] if 0 <= position < len(args) else None)
+        if not isinstance(x, Tensor):
+            raise SiteError(f"the site {self.site.name} is the model's {name} argument, and this call gave "
+                            f"{type(x).__name__} for it")
+        new = self.fn(x, self.attachment.site_context(x, x, "text"))
+        if new is x:
+            return None
+        if not isinstance(new, Tensor) or new.shape != x.shape:
+            shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+            raise SiteError(f"the site function at {self.site} returned {shape}, expected {tuple(x.shape)}")
+        new = new.to(device=x.device, dtype=x.dtype)
+        if name in kwargs:
+            return args, {**kwargs, name: new}
+        return args[:position] + (new,) + args[position + 1:], kwargs
+
+
 class Adapter(ABC):
     """One group of diffusers model classes behind one interface: catalogue, taps, what a call says."""
 
@@ -358,8 +397,12 @@ class Adapter(ABC):
                     if name not in attachment.handles:
                         attachment.add(name, noted.register_forward_pre_hook(_NoteInput(attachment, noted),
                                                                              with_kwargs=True))
-                attachment.add(f"{HOOK_PREFIX}:{n}:{site.name}",
-                               tap.module.register_forward_hook(_SiteHook(site, tap, fn, attachment), with_kwargs=True))
+                if tap.argument is not None:
+                    hook = tap.module.register_forward_pre_hook(_ArgumentHook(site, tap, fn, attachment),
+                                                                with_kwargs=True)
+                else:
+                    hook = tap.module.register_forward_hook(_SiteHook(site, tap, fn, attachment), with_kwargs=True)
+                attachment.add(f"{HOOK_PREFIX}:{n}:{site.name}", hook)
             yield
         finally:
             attachment.remove_all()

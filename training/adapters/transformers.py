@@ -58,6 +58,11 @@ SDLens's target), as the family table lists them. Gradient checkpointing calls b
 the input is read by keyword or from position 0 either way. ControlNet residuals are added after a block
 returns: a site sees the block's own output.
 
+The conditioning site ``context:text`` is the ``encoder_hidden_states`` a model is called with, as wide as
+its config says (``ModelLayout.context``: ``joint_attention_dim``, Wan's ``text_dim``, HunyuanVideo's
+``text_embed_dim``, LTX-Video's ``caption_channels``, Lumina 2's ``cap_feat_dim``); Z-Image (lists of
+captions) and HiDream (T5 and Llama tokens apart) have none.
+
 Sigma: flow models' ``timestep`` input is sigma (flux, flux2, chroma, qwen_image, aura_flow), sigma x 1000
 (sd3, wan, hunyuan_video, ltxv, hidream: their pipelines pass the scheduler's timestep), or 1 - sigma
 (Lumina 2 and Z-Image count time the other way).
@@ -72,9 +77,9 @@ import torch
 from torch import Tensor, nn
 
 from sae_core import SiteError
-from sae_core.sites import Catalogue, Site, first_float, transformer_catalogue
+from sae_core.sites import CONTEXT, Catalogue, Site, first_float, transformer_catalogue
 
-from .base import Adapter, ModelCall, Span, Tap
+from .base import Adapter, ModelCall, Span, Tap, context_tap
 
 Grid = Optional[tuple[int, int]]
 Layout = tuple[Grid, int, dict[str, Span]]
@@ -242,6 +247,9 @@ class ModelLayout:
     timestep: str = "timestep"
     """Name of the forward argument holding the timestep."""
     batch: Callable[[Mapping[str, Any]], int] = lambda a: int(a["hidden_states"].shape[0])
+    context: Optional[str] = "joint_attention_dim"
+    """Config key of the width of the text tokens the model is called with (``encoder_hidden_states``), for
+    the conditioning site; None where the model takes its text otherwise (lists, several encoders)."""
 
 
 FLUX_COUNTS = {"double_blocks": "num_layers", "single_blocks": "num_single_layers"}
@@ -260,27 +268,29 @@ LAYOUTS: tuple[ModelLayout, ...] = (
     ModelLayout("qwen_image", ("QwenImageTransformer2DModel",), {"transformer_blocks": "num_layers"}, HEADS,
                 {"transformer_blocks": TEXT_IMAGE}, _qwen_image, _flow),
     ModelLayout("wan", ("WanTransformer3DModel",), {"blocks": "num_layers"}, HEADS, {"blocks": TENSOR}, _video,
-                _thousandths),
+                _thousandths, context="text_dim"),
     ModelLayout("aura_flow", ("AuraFlowTransformer2DModel",),
                 {"double_layers": "num_mmdit_layers", "single_layers": "num_single_dit_layers"}, HEADS,
                 {"double_layers": TEXT_IMAGE, "single_layers": TENSOR}, _aura_flow, _flow, {"single_layers": JOINT}),
     ModelLayout("hunyuan_video", ("HunyuanVideoTransformer3DModel",), FLUX_COUNTS, HEADS,
-                {"double_blocks": IMAGE_TEXT, "single_blocks": IMAGE_TEXT}, _video, _thousandths),
+                {"double_blocks": IMAGE_TEXT, "single_blocks": IMAGE_TEXT}, _video, _thousandths,
+                context="text_embed_dim"),
     ModelLayout("ltxv", ("LTXVideoTransformer3DModel",), {"transformer_blocks": "num_layers"}, HEADS,
-                {"transformer_blocks": TENSOR}, _ltxv, _thousandths),
+                {"transformer_blocks": TENSOR}, _ltxv, _thousandths, context="caption_channels"),
     ModelLayout("lumina2", ("Lumina2Transformer2DModel",),
                 {"noise_refiner": "num_refiner_layers", "context_refiner": "num_refiner_layers", "layers": "num_layers"},
                 ("hidden_size",), {"noise_refiner": TENSOR, "context_refiner": TENSOR, "layers": TENSOR},
-                _lumina2, _reversed, {"layers": JOINT}),
+                _lumina2, _reversed, {"layers": JOINT}, context="cap_feat_dim"),
     ModelLayout("lumina2", ("ZImageTransformer2DModel",),
                 {"noise_refiner": "n_refiner_layers", "context_refiner": "n_refiner_layers", "layers": "n_layers"},
                 ("dim",), {"noise_refiner": TENSOR, "context_refiner": TENSOR, "layers": TENSOR},
                 _z_image, _reversed, {"noise_refiner": ("image",), "layers": JOINT}, timestep="t",
-                batch=lambda a: len(a["x"])),
+                batch=lambda a: len(a["x"]), context=None),
     ModelLayout("hidream", ("HiDreamImageTransformer2DModel",),
                 {"double_stream_blocks": "num_layers", "single_stream_blocks": "num_single_layers"}, HEADS,
                 {"double_stream_blocks": IMAGE_TEXT, "single_stream_blocks": TENSOR}, _hidream, _thousandths,
-                {"double_stream_blocks": ("image",), "single_stream_blocks": JOINT}, timestep="timesteps"),
+                {"double_stream_blocks": ("image",), "single_stream_blocks": JOINT}, timestep="timesteps",
+                context=None),
 )
 
 
@@ -300,10 +310,14 @@ class TransformerAdapter(Adapter):
     def catalogue(self, model: nn.Module) -> Catalogue:
         layout, config = self.layout(model), model.config
         counts = {prefix: int(config[key]) for prefix, key in layout.counts.items()}
-        return transformer_catalogue(layout.family, counts, math.prod(int(config[key]) for key in layout.width))
+        context = int(config[layout.context]) if layout.context else None
+        return transformer_catalogue(layout.family, counts, math.prod(int(config[key]) for key in layout.width),
+                                     context_width=context)
 
     def tap(self, model: nn.Module, site: Site) -> Tap:
         layout = self.layout(model)
+        if site.block == CONTEXT:
+            return context_tap(model)
         prefix = site.block.rsplit(".", 1)[0]
         kind = "text" if site.stream == "text" else "image"
         part = kind if kind in layout.parts.get(prefix, ()) else None

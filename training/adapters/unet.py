@@ -25,15 +25,15 @@ without the scheduler; :class:`training.adapters.SamplingState` converts it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from torch import nn
 
 from sae_core import SiteError
-from sae_core.sites import Catalogue, Site, first_float, unet_catalogue
+from sae_core.sites import CONTEXT, Catalogue, Site, first_float, unet_catalogue
 from sae_core.sites.unet import UNetShape
 
-from .base import Adapter, ModelCall, Tap
+from .base import Adapter, ModelCall, Tap, context_tap
 
 DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
@@ -88,15 +88,26 @@ def unet_shape(config: Mapping[str, Any]) -> UNetShape:
                      output_attention=tuple(reversed(up)))  # up_blocks[0] is the deepest level
 
 
+def context_width(config: Mapping[str, Any]) -> Optional[int]:
+    """The width of the text tokens every cross-attention reads, where the U-Net reads them as given
+    (no ``encoder_hid_proj`` in between, a single width for every block); else None: no conditioning site."""
+    width = config.get("cross_attention_dim")
+    if config.get("encoder_hid_dim") is not None or not isinstance(width, int):
+        return None
+    return width
+
+
 class UNetAdapter(Adapter):
     model_classes = ("UNet2DConditionModel",)
 
     def catalogue(self, model: nn.Module) -> Catalogue:
-        return unet_catalogue(unet_family(model.config), unet_shape(model.config))
+        return unet_catalogue(unet_family(model.config), unet_shape(model.config), context_width=context_width(model.config))
 
     def tap(self, model: nn.Module, site: Site) -> Tap:
         catalogue = self.catalogue(model)
         own = catalogue.resolve(site)
+        if own.block == CONTEXT:
+            return context_tap(model)
         block = catalogue.block(own.block)
         path, start = block.module("diffusers"), block.input_module("diffusers")
         update = own.stream == "update"
