@@ -31,23 +31,24 @@ from .image_capture_nodes import check_conditioning, model_latent_channels
 from .index_nodes import dictionary_path_or_error, encode
 
 DEFAULT_MODE = "clamp"
-"""How a concept steers by default. Clamping per step and position flipped the most classes cleanly of what a node
-at one site can do, on both organisms (steering lab, trial seed: Flux double_blocks.0:text 0.47 of samples,
-U-Net output_blocks.2 0.51, against 0.12 and 0.07 for adding a global concept; BENCHMARKS.md)."""
-DEFAULT_TOP_N = 32
-"""Features a concept keeps (per step and position for a clamp: 0.42 clean flips with 32 against 0.17 with 8 on
-the U-Net organism). An added concept did best with 8."""
+"""How a concept steers by default. Clamping per step and position flipped the most classes cleanly on both
+organisms, best at the prompt's tokens (steering lab at context:text, top 64, all steps: Flux organism 0.73 of
+samples cleanly to the target, U-Net organism 0.97; adding a global concept there: 0.09 and 0.12; BENCHMARKS.md)."""
+DEFAULT_TOP_N = 64
+"""Features a concept keeps (per step and position for a clamp: at context:text 64 gave 0.73 / 0.97 clean flips on
+the Flux / U-Net organism against 0.57 / 0.77 with 32; at a U-Net block 32 gave 0.42 against 0.17 with 8). An
+added concept did best with 8."""
 SHOWN_FEATURES = 8
 """A clamp concept's summary lists at most this many features (it keeps top_n per position)."""
 DEFAULT_STRENGTH = 1.0
 """A clamp's fraction of the way to the positive prompts' values: 1 clamps. For an added concept strength is a
 multiplier of the measured mean code difference, and 8 in the first half of sampling worked best there (Flux
 organism: 0.23 of samples to the target, 0.71 clean; BENCHMARKS.md)."""
-DEFAULT_WINDOW = (0.0, 0.5)
-"""The part of sampling (0 = first step, 1 = last) a concept steers by default: the first half, where the layout
-and the class are decided. It keeps pictures clean where steering the last steps too loses them (the clamp at
-the U-Net organism's shipped site: 0.43 clean flips at 0.77 clean in steps 0-0.5, 0.50 at 0.50 over all steps);
-on the Flux organism's text stream all steps flip more at the same cleanness (0.47 vs 0.34), so widen it there."""
+DEFAULT_WINDOW = (0.0, 1.0)
+"""The part of sampling (0 = first step, 1 = last) a concept steers by default: all of it. At the prompt's tokens
+all steps flip far more at the same cleanness (trial seed, top 32: U-Net organism 0.72 vs 0.36 in steps 0-0.5;
+Flux 0.51 vs 0.42); at a U-Net block the first half keeps pictures cleaner (output_blocks.3: 0.77 clean in steps
+0-0.5 vs 0.50), so narrow it there."""
 SOURCES = ("prompts", "words")
 CONCEPT_MODES = ("add", "replace", "clamp")
 MAX_CELLS = 64

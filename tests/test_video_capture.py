@@ -85,7 +85,8 @@ def test_train_streams_from_a_wan_folder(wan_folder: Path, prompts: Path, tmp_pa
 def test_list_sites_names_the_wan_blocks(wan_folder: Path, tiny_wan_runs: None, capsys: pytest.CaptureFixture):
     assert main(["capture", "--model", str(wan_folder), "--list-sites"]) == 0
     listed = capsys.readouterr().out.split("\n")[:-1]
-    assert listed == [f"blocks.{i}:{stream}  (d={WIDTH})" for i in range(2) for stream in ("image", "update")]
+    assert listed[0].startswith("context:text  (d=")  # the prompt's tokens, as wide as the text encoder's
+    assert listed[1:] == [f"blocks.{i}:{stream}  (d={WIDTH})" for i in range(2) for stream in ("image", "update")]
 
 
 def test_commands_that_read_pictures_refuse_a_video_pipeline_before_any_work(wan_folder: Path, prompts: Path,

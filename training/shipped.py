@@ -33,7 +33,9 @@ class Shipped:
 
 
 SHIPPED = (Shipped("organism-flux", "double_blocks.1:image", "organism_flux_db1_image"),
-           Shipped("organism-unet", "output_blocks.3:residual", "organism_unet_ob3_residual"))
+           Shipped("organism-unet", "output_blocks.3:residual", "organism_unet_ob3_residual"),
+           Shipped("organism-unet", "context:text", "organism_unet_context_text"))
+"""The third is the prompt's tokens of the U-Net organism: the site where its clamped concepts steer best."""
 EXPANSION, K, STEPS = 8, 8, 2000
 """8x wide, 8 active, 2000 steps of 1024: the demo's recipe (held-out FVU 0.12 on the Flux organism)."""
 CAPTIONS, INDEX_CAPTIONS = 240, 120
