@@ -477,14 +477,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_organism_dictionaries(args: argparse.Namespace) -> int:
-    from .shipped import SHIPPED, build_shipped
+    from .shipped import build_shipped
 
-    unknown = sorted(set(args.only or ()) - {item.name for item in SHIPPED})
-    if unknown:
-        raise ConfigError(f"--only: no shipped dictionary {', '.join(unknown)}; they are "
-                          + ", ".join(item.name for item in SHIPPED))
-    which = tuple(item for item in SHIPPED if not args.only or item.name in args.only)
-    for path in build_shipped(Path(args.out), seed=args.seed, which=which):
+    for path in build_shipped(Path(args.out), seed=args.seed):
         say(f"wrote {path} and its feature index {path.with_suffix('.features')}")
     return 0
 
@@ -688,8 +683,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ship = add("organism-dictionaries", "rebuild the dictionaries (and feature indexes) the plugin ships for its "
                "model organisms", cmd_organism_dictionaries)
     ship.add_argument("--out", type=FOLDER, default="models/sae", help="where to write them (the plugin's own)")
-    ship.add_argument("--only", nargs="+", default=None,
-                      help="rebuild only these, by name, e.g. organism_unet_context_text (default: all)")
     return parser, subs
 
 
