@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sae_core.errors import SiteError  # noqa: E402
+from sae_core.sites import block_sites  # noqa: E402
 from training.adapters import attach, available_sites, catalogue, resolve_site  # noqa: E402
 
 B, TEXT, ROWS, COLS, FRAMES = 2, 5, 3, 4, 2
@@ -231,13 +232,13 @@ def expected(family, site, hooks):
     return tokens - hooks.inputs[name][:, start:start + count] if site.stream == "update" else tokens
 
 
-def block_sites(model) -> list:
+def model_block_sites(model) -> list:
     """Every site but the conditioning one (``context:text``: the model's input, not a block's tensor)."""
-    return [site for site in available_sites(model) if site.block != "context"]
+    return block_sites(available_sites(model))
 
 
 def record_all(model, inputs):
-    seen = {site: [] for site in block_sites(model)}
+    seen = {site: [] for site in model_block_sites(model)}
 
     def recorder(site):
         def record(h, ctx):
@@ -268,7 +269,7 @@ def test_the_catalogue_counts_every_block_kind_from_the_config(name, models):
 @pytest.mark.parametrize("name", BY_NAME)
 def test_every_site_fires_once_per_call_with_its_own_tokens(name, models):
     family, (model, inputs) = BY_NAME[name], models[name]
-    with Hooks(model, sorted({module_of(family, s) for s in block_sites(model)})) as hooks:
+    with Hooks(model, sorted({module_of(family, s) for s in model_block_sites(model)})) as hooks:
         seen = record_all(model, inputs)
     for site, calls in seen.items():
         assert len(calls) == 1, site
@@ -340,7 +341,7 @@ def test_hooks_are_gone_after_the_block_even_when_a_site_function_raises(name, m
 @pytest.mark.parametrize("name", BY_NAME)
 def test_diffusers_and_comfyui_names_resolve_to_the_same_site(name, models):
     family, (model, _) = BY_NAME[name], models[name]
-    for site in block_sites(model):
+    for site in model_block_sites(model):
         assert resolve_site(model, f"{module_of(family, site)}:{site.stream}") == site
         assert resolve_site(model, site.name) == site
         assert catalogue(model).module(site, "diffusers") == module_of(family, site)

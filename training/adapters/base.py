@@ -260,6 +260,13 @@ class _NoteInput:
         self.attachment.inputs[id(module)] = x.detach().clone()
 
 
+def _check_returned(site: Site, new: Any, given: Tensor) -> None:
+    """A site function must return tokens of the shape it was given."""
+    if not isinstance(new, Tensor) or new.shape != given.shape:
+        shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise SiteError(f"the site function at {site} returned {shape}, expected {tuple(given.shape)}")
+
+
 class _SiteHook:
     """Forward hook that runs one site function on one site's tokens and writes the result back.
 
@@ -293,9 +300,7 @@ class _SiteHook:
         new = self.fn(h, self.attachment.site_context(h, x, tap.layout))
         if new is h:
             return None
-        if not isinstance(new, Tensor) or new.shape != h.shape:
-            shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-            raise SiteError(f"the site function at {self.site} returned {shape}, expected {tuple(h.shape)}")
+        _check_returned(self.site, new, h)
         new_x = from_tokens(new.to(device=x.device, dtype=x.dtype), x, tap.layout)
         edited = part + (new_x - x) if tap.update else new_x
         return tap.replace(output, span.put(out, edited) if span is not None else edited)
@@ -308,11 +313,12 @@ class _ArgumentHook:
 
     def __init__(self, site: Site, tap: Tap, fn: SiteFunction, attachment: _Attachment):
         self.site, self.tap, self.fn, self.attachment = site, tap, fn, attachment
-        self.signature = inspect.signature(type(tap.module).forward)
+        parameters = list(inspect.signature(type(tap.module).forward).parameters)
+        self.position = parameters.index(tap.argument) - 1 if tap.argument in parameters else -1
+        """Where the argument is among the positional ones (``self`` aside); -1: keyword only."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        name = self.tap.argument
-        position = list(self.signature.parameters).index(name) - 1 if name in self.signature.parameters else -1
+        name, position = self.tap.argument, self.position
         x = kwargs.get(name) if name in kwargs else (args[position] if 0 <= position < len(args) else None)
         if not isinstance(x, Tensor):
             raise SiteError(f"the site {self.site.name} is the model's {name} argument, and this call gave "
@@ -320,9 +326,7 @@ class _ArgumentHook:
         new = self.fn(x, self.attachment.site_context(x, x, "text"))
         if new is x:
             return None
-        if not isinstance(new, Tensor) or new.shape != x.shape:
-            shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-            raise SiteError(f"the site function at {self.site} returned {shape}, expected {tuple(x.shape)}")
+        _check_returned(self.site, new, x)
         new = new.to(device=x.device, dtype=x.dtype)
         if name in kwargs:
             return args, {**kwargs, name: new}
